@@ -1,0 +1,584 @@
+// resnet_fast::batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var), CUDA kernel.
+//
+// Per-channel mean and biased variance of a 4-D (N, C, H, W) tensor, the first pass of
+// a training BatchNorm. The schema, the fake implementation and the torch reference live
+// in resnet_fast/ops/batch_norm_stats.py; this file only adds the CUDA kernel.
+//
+// Numerics: every thread keeps a Welford state (mean, M2, count) in float32 (float64 for
+// float64 input). It folds its values in a few at a time: a small chunk (up to kUnroll
+// loads) gets its own mean and M2 directly, then merges into the running state with
+// Chan et al.'s pairwise update. That is Welford's update with a batch of values instead
+// of one, so it keeps Welford's robustness to a large mean (no sum-of-squares
+// cancellation) at one division per chunk instead of one per element. Threads, then
+// blocks, merge with the same update.
+//
+// Work split (two levels):
+//  * channels_last (NHWC): the input is a (rows = N*H*W, C) matrix. A block covers a tile
+//    of channels (each thread owns kVec adjacent channels, loaded as one 16-byte vector)
+//    and a range of rows; blockIdx.y splits the rows.
+//  * NCHW: a block covers one channel; blockIdx.y splits the batch (and, for large
+//    planes, the H*W plane too). Small planes (7x7) put several planes in flight per
+//    block so that a block still reads long runs; large planes unroll along H*W.
+//  When one block per channel tile does not fill the GPU (small C, large N*H*W), the
+//  blocks write partial states to a workspace and a second kernel merges them per
+//  channel; otherwise the first kernel writes the result directly. No host
+//  synchronisation: capturable in CUDA graphs.
+//
+// bf16 values are widened by a bit shift (exact), not with bf16 intrinsics, so the
+// sm_75 (and sm_70) builds need nothing newer.
+
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+
+namespace resnet_fast {
+namespace {
+
+constexpr int kThreads = 256;  // every kernel here runs 1-D blocks of this many threads
+constexpr int kWarps = kThreads / 32;
+constexpr int kUnroll = 4;     // vector loads per chunk, per thread
+constexpr int kMaxSplits = 65535;  // gridDim.y limit
+
+// ---------------------------------------------------------------------------------------
+// Element types: what is loaded (raw bits for 16-bit types) and what is accumulated.
+
+template <typename scalar_t>
+struct Traits;
+
+template <>
+struct Traits<c10::Half> {
+  using raw_t = uint16_t;
+  using acc_t = float;
+  static __device__ __forceinline__ float to_acc(uint16_t bits) {
+    return __half2float(__ushort_as_half(bits));
+  }
+};
+
+template <>
+struct Traits<c10::BFloat16> {
+  using raw_t = uint16_t;
+  using acc_t = float;
+  // bf16 is the top half of a float32: widening is exact and needs no bf16 support.
+  static __device__ __forceinline__ float to_acc(uint16_t bits) {
+    return __uint_as_float(static_cast<unsigned int>(bits) << 16);
+  }
+};
+
+template <>
+struct Traits<float> {
+  using raw_t = float;
+  using acc_t = float;
+  static __device__ __forceinline__ float to_acc(float v) { return v; }
+};
+
+template <>
+struct Traits<double> {
+  using raw_t = double;
+  using acc_t = double;
+  static __device__ __forceinline__ double to_acc(double v) { return v; }
+};
+
+// Elements per 16-byte vector load.
+template <typename scalar_t>
+constexpr int vec_width() {
+  return static_cast<int>(16 / sizeof(scalar_t));
+}
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+// ---------------------------------------------------------------------------------------
+// Welford states and Chan's merge.
+
+template <typename acc_t>
+struct Welford {
+  acc_t mean;
+  acc_t m2;
+  acc_t n;  // count; float32 counts are exact to 2^24 per partial, ample per block
+};
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t ratio(acc_t a, acc_t b) {
+  return a / b;
+}
+// The chunk weight k / n only scales a correction term; a 2-ulp quotient is plenty and
+// far cheaper than IEEE division (this file is built without --use_fast_math).
+template <>
+__device__ __forceinline__ float ratio<float>(float a, float b) {
+  return __fdividef(a, b);
+}
+
+// Merge (b_mean, b_m2, b_n) into a (Chan, Golub and LeVeque).
+template <typename acc_t>
+__device__ __forceinline__ void merge(Welford<acc_t>& a, acc_t b_mean, acc_t b_m2, acc_t b_n) {
+  if (b_n == acc_t(0)) {
+    return;
+  }
+  const acc_t n = a.n + b_n;
+  const acc_t w = b_n / n;
+  const acc_t delta = b_mean - a.mean;
+  a.mean += delta * w;
+  a.m2 += b_m2 + delta * delta * a.n * w;
+  a.n = n;
+}
+
+// Fold a chunk of L values, of which the first `valid` are real, into s.
+template <int L, typename acc_t>
+__device__ __forceinline__ void merge_chunk(Welford<acc_t>& s, const acc_t (&x)[L], int valid) {
+  if (valid <= 0) {
+    return;
+  }
+  acc_t sum = 0;
+#pragma unroll
+  for (int i = 0; i < L; ++i) {
+    if (i < valid) sum += x[i];
+  }
+  const acc_t k = static_cast<acc_t>(valid);
+  const acc_t chunk_mean = valid == L ? sum * (acc_t(1) / acc_t(L)) : sum / k;
+  acc_t chunk_m2 = 0;
+#pragma unroll
+  for (int i = 0; i < L; ++i) {
+    if (i < valid) {
+      const acc_t d = x[i] - chunk_mean;
+      chunk_m2 += d * d;
+    }
+  }
+  const acc_t n = s.n + k;
+  const acc_t w = ratio(k, n);
+  const acc_t delta = chunk_mean - s.mean;
+  s.mean += delta * w;
+  s.m2 += chunk_m2 + delta * delta * s.n * w;
+  s.n = n;
+}
+
+// Block-wide merge. Thread tid = ty * bx + tx holds a partial state for slot tx (bx is a
+// power of two, at most 32; bx = 1 merges everything). On return, threads tid < bx hold
+// their slot's total. `smem` holds 3 * kThreads values. Every thread must call this.
+template <typename acc_t>
+__device__ __forceinline__ void block_merge(Welford<acc_t>& s, int bx, acc_t* smem) {
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  // Lanes l and l ^ off (off >= bx) own the same slot.
+  for (int off = 16; off >= bx; off >>= 1) {
+    const acc_t o_mean = __shfl_xor_sync(0xffffffffu, s.mean, off);
+    const acc_t o_m2 = __shfl_xor_sync(0xffffffffu, s.m2, off);
+    const acc_t o_n = __shfl_xor_sync(0xffffffffu, s.n, off);
+    merge(s, o_mean, o_m2, o_n);
+  }
+  // Now lanes < bx of each warp hold that warp's total for slot `lane`.
+  if (lane < bx) {
+    const int i = warp * bx + lane;
+    smem[i] = s.mean;
+    smem[kThreads + i] = s.m2;
+    smem[2 * kThreads + i] = s.n;
+  }
+  __syncthreads();
+  if (tid < bx) {
+    Welford<acc_t> total{acc_t(0), acc_t(0), acc_t(0)};
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const int i = w * bx + tid;
+      merge(total, smem[i], smem[kThreads + i], smem[2 * kThreads + i]);
+    }
+    s = total;
+  }
+  __syncthreads();  // smem may be reused right away
+}
+
+// Write a block's total for channel c: the result when the grid has one split, else a
+// partial state into the (3, C, splits) workspace.
+template <typename acc_t>
+__device__ __forceinline__ void store(const Welford<acc_t>& s, int64_t c, int64_t channels,
+                                      acc_t* __restrict__ mean, acc_t* __restrict__ var,
+                                      acc_t* __restrict__ workspace) {
+  const int64_t splits = gridDim.y;
+  if (splits == 1) {
+    mean[c] = s.mean;
+    var[c] = s.m2 / s.n;
+  } else {
+    const int64_t i = c * splits + blockIdx.y;
+    const int64_t plane = channels * splits;
+    workspace[i] = s.mean;
+    workspace[plane + i] = s.m2;
+    workspace[2 * plane + i] = s.n;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// channels_last: a (rows, C) matrix. Thread (tx, ty) of a (bx, by) block owns channels
+// [c0, c0 + V) and reads rows ty, ty + by, ... of its block's row range, kUnroll rows at
+// a time. bx is a power of two <= 32.
+
+template <typename scalar_t, int V>
+__global__ void __launch_bounds__(kThreads) stats_nhwc_kernel(
+    const scalar_t* __restrict__ input, int64_t rows, int64_t channels, int64_t rows_per_split,
+    int bx, typename Traits<scalar_t>::acc_t* __restrict__ mean,
+    typename Traits<scalar_t>::acc_t* __restrict__ var,
+    typename Traits<scalar_t>::acc_t* __restrict__ workspace) {
+  using raw_t = typename Traits<scalar_t>::raw_t;
+  using acc_t = typename Traits<scalar_t>::acc_t;
+  __shared__ acc_t smem[3 * kThreads];
+
+  const int by = kThreads / bx;
+  const int tx = threadIdx.x % bx;
+  const int ty = threadIdx.x / bx;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * bx + tx) * V;
+  const bool active = c0 < channels;  // uniform per slot; every thread still reduces
+  const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int64_t row_end = rows < row_begin + rows_per_split ? rows : row_begin + rows_per_split;
+
+  Welford<acc_t> st[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) st[v] = {acc_t(0), acc_t(0), acc_t(0)};
+
+  if (active) {
+    const raw_t* base = reinterpret_cast<const raw_t*>(input) + c0;
+    const int64_t step = static_cast<int64_t>(by) * kUnroll;
+    for (int64_t r = row_begin + ty; r < row_end; r += step) {
+      const int64_t left = row_end - r;
+      const int valid = left >= step ? kUnroll : static_cast<int>((left + by - 1) / by);
+      Pack<raw_t, V> p[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (u < valid) {
+          p[u] = *reinterpret_cast<const Pack<raw_t, V>*>(base + (r + static_cast<int64_t>(u) * by) * channels);
+        } else {
+#pragma unroll
+          for (int v = 0; v < V; ++v) p[u].v[v] = raw_t(0);
+        }
+      }
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        acc_t x[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) x[u] = Traits<scalar_t>::to_acc(p[u].v[v]);
+        merge_chunk(st[v], x, valid);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    block_merge(st[v], bx, smem);
+    if (threadIdx.x < bx && active && c0 + v < channels) {
+      store(st[v], c0 + v, channels, mean, var, workspace);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// NCHW: blockIdx.x is the channel; blockIdx.y = n_split * hw_splits + hw_split picks a
+// range of images and a range of the H*W plane (counted in V-element vectors).
+// unroll_hw (large planes; bx = kThreads, by = 1): each thread loads kUnroll vectors
+// along the plane per chunk. Otherwise (small planes): threads (tx < bx, ty < by) load
+// vector tx of kUnroll images n, n + by, ... per chunk.
+
+template <typename scalar_t, int V>
+__global__ void __launch_bounds__(kThreads) stats_nchw_kernel(
+    const scalar_t* __restrict__ input, int64_t batch, int64_t channels, int64_t hw,
+    int64_t n_per_split, int64_t vec_per_split, int hw_splits, int bx, bool unroll_hw,
+    typename Traits<scalar_t>::acc_t* __restrict__ mean,
+    typename Traits<scalar_t>::acc_t* __restrict__ var,
+    typename Traits<scalar_t>::acc_t* __restrict__ workspace) {
+  using raw_t = typename Traits<scalar_t>::raw_t;
+  using acc_t = typename Traits<scalar_t>::acc_t;
+  using P = Pack<raw_t, V>;
+  __shared__ acc_t smem[3 * kThreads];
+
+  const int64_t c = blockIdx.x;
+  const int64_t n_begin = static_cast<int64_t>(blockIdx.y / hw_splits) * n_per_split;
+  const int64_t n_end = batch < n_begin + n_per_split ? batch : n_begin + n_per_split;
+  const int64_t nvec = hw / V;
+  const int64_t j_begin = static_cast<int64_t>(blockIdx.y % hw_splits) * vec_per_split;
+  const int64_t j_end = nvec < j_begin + vec_per_split ? nvec : j_begin + vec_per_split;
+  const int by = kThreads / bx;
+  const int tx = threadIdx.x % bx;
+  const int ty = threadIdx.x / bx;  // >= by for the spare threads when bx does not divide kThreads
+
+  // Vector j of image n of this channel: planes[n * image_vecs + j].
+  const P* planes = reinterpret_cast<const P*>(reinterpret_cast<const raw_t*>(input) + c * hw);
+  const int64_t image_vecs = channels * nvec;
+
+  Welford<acc_t> st{acc_t(0), acc_t(0), acc_t(0)};
+  if (unroll_hw) {
+    const int64_t step = static_cast<int64_t>(kThreads) * kUnroll;
+    for (int64_t n = n_begin; n < n_end; ++n) {
+      const P* plane = planes + n * image_vecs;
+      for (int64_t j = j_begin + threadIdx.x; j < j_end; j += step) {
+        const int64_t left = j_end - j;
+        const int valid = left >= step ? kUnroll : static_cast<int>((left + kThreads - 1) / kThreads);
+        P p[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          if (u < valid) p[u] = plane[j + static_cast<int64_t>(u) * kThreads];
+        }
+        acc_t x[kUnroll * V];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) x[u * V + v] = u < valid ? Traits<scalar_t>::to_acc(p[u].v[v]) : acc_t(0);
+        }
+        merge_chunk(st, x, valid * V);
+      }
+    }
+  } else if (ty < by) {
+    const int64_t step = static_cast<int64_t>(by) * kUnroll;
+    for (int64_t j = j_begin + tx; j < j_end; j += bx) {
+      for (int64_t n = n_begin + ty; n < n_end; n += step) {
+        const int64_t left = n_end - n;
+        const int valid = left >= step ? kUnroll : static_cast<int>((left + by - 1) / by);
+        P p[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          if (u < valid) p[u] = planes[(n + static_cast<int64_t>(u) * by) * image_vecs + j];
+        }
+        acc_t x[kUnroll * V];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) x[u * V + v] = u < valid ? Traits<scalar_t>::to_acc(p[u].v[v]) : acc_t(0);
+        }
+        merge_chunk(st, x, valid * V);
+      }
+    }
+  }
+
+  block_merge(st, 1, smem);
+  if (threadIdx.x == 0) {
+    store(st, c, channels, mean, var, workspace);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Second level: one block per channel merges its `splits` partial states.
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) stats_finalize_kernel(
+    const acc_t* __restrict__ workspace, int64_t channels, int splits,
+    acc_t* __restrict__ mean, acc_t* __restrict__ var) {
+  __shared__ acc_t smem[3 * kThreads];
+  const int64_t c = blockIdx.x;
+  const int64_t plane = channels * splits;
+  const acc_t* ws = workspace + c * splits;
+  Welford<acc_t> st{acc_t(0), acc_t(0), acc_t(0)};
+  for (int i = threadIdx.x; i < splits; i += kThreads) {
+    merge(st, ws[i], ws[plane + i], ws[2 * plane + i]);
+  }
+  block_merge(st, 1, smem);
+  if (threadIdx.x == 0) {
+    mean[c] = st.mean;
+    var[c] = st.m2 / st.n;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Host side.
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+int next_pow2(int64_t v) {
+  int p = 1;
+  while (p < v && p < (1 << 30)) p <<= 1;
+  return p;
+}
+
+// Blocks that make one full wave on the device (cached per device; no synchronisation).
+int64_t wave_blocks(int device) {
+  constexpr int kMaxDevices = 128;
+  static std::array<std::atomic<int64_t>, kMaxDevices> cache{};
+  if (device >= 0 && device < kMaxDevices) {
+    const int64_t cached = cache[device].load(std::memory_order_relaxed);
+    if (cached > 0) return cached;
+  }
+  int sms = 0;
+  int threads_per_sm = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device));
+  const int64_t blocks = static_cast<int64_t>(sms) * std::max(1, threads_per_sm / kThreads);
+  if (device >= 0 && device < kMaxDevices) cache[device].store(blocks, std::memory_order_relaxed);
+  return blocks;
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename scalar_t>
+void launch_stats(const at::Tensor& x, bool channels_last, at::Tensor& mean, at::Tensor& var,
+                  int64_t target_blocks, cudaStream_t stream) {
+  using acc_t = typename Traits<scalar_t>::acc_t;
+  constexpr int V = vec_width<scalar_t>();
+  const int64_t batch = x.size(0);
+  const int64_t channels = x.size(1);
+  const int64_t hw = x.size(2) * x.size(3);
+  const scalar_t* data = x.const_data_ptr<scalar_t>();
+  acc_t* mean_ptr = mean.mutable_data_ptr<acc_t>();
+  acc_t* var_ptr = var.mutable_data_ptr<acc_t>();
+
+  dim3 grid;
+  at::Tensor workspace;
+  acc_t* ws_ptr = nullptr;
+  auto make_workspace = [&](int64_t splits) {
+    if (splits > 1) {
+      workspace = at::empty({3, channels, splits}, mean.options());
+      ws_ptr = workspace.mutable_data_ptr<acc_t>();
+    }
+  };
+
+  if (channels_last) {
+    const int64_t rows = batch * hw;
+    const bool vec = channels % V == 0 && aligned16(data);
+    const int width = vec ? V : 1;
+    const int64_t groups = channels / width;
+    const int bx = static_cast<int>(std::min<int64_t>(32, next_pow2(groups)));
+    const int by = kThreads / bx;
+    const int64_t tiles = ceil_div(groups, bx);
+    const int64_t chunk_rows = static_cast<int64_t>(by) * kUnroll;
+    int64_t splits = clamp64(ceil_div(target_blocks, tiles), 1,
+                             std::min<int64_t>(kMaxSplits, ceil_div(rows, chunk_rows)));
+    const int64_t rows_per_split = round_up(ceil_div(rows, splits), chunk_rows);
+    splits = ceil_div(rows, rows_per_split);
+    make_workspace(splits);
+    grid = dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
+    if (vec) {
+      stats_nhwc_kernel<scalar_t, V><<<grid, kThreads, 0, stream>>>(
+          data, rows, channels, rows_per_split, bx, mean_ptr, var_ptr, ws_ptr);
+    } else {
+      stats_nhwc_kernel<scalar_t, 1><<<grid, kThreads, 0, stream>>>(
+          data, rows, channels, rows_per_split, bx, mean_ptr, var_ptr, ws_ptr);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    const bool vec = hw % V == 0 && aligned16(data);
+    const int64_t nvec = hw / (vec ? V : 1);
+    const int64_t wanted = ceil_div(target_blocks, channels);  // splits per channel to fill the GPU
+    bool unroll_hw;
+    int bx;
+    int64_t n_per_split;
+    int64_t vec_per_split;
+    int64_t hw_splits;
+    if (nvec >= static_cast<int64_t>(kThreads) * kUnroll) {
+      // Large planes: a whole block walks along each plane; split images, then planes.
+      unroll_hw = true;
+      bx = kThreads;
+      const int64_t n_splits = std::min(batch, wanted);
+      n_per_split = ceil_div(batch, n_splits);
+      const int64_t chunk = static_cast<int64_t>(kThreads) * kUnroll;
+      hw_splits = clamp64(ceil_div(wanted, ceil_div(batch, n_per_split)), 1, nvec / chunk);
+      vec_per_split = round_up(ceil_div(nvec, hw_splits), chunk);
+      hw_splits = ceil_div(nvec, vec_per_split);
+    } else {
+      // Small planes: bx threads across a plane, by = kThreads / bx images in flight.
+      // bx is 32 (one warp per plane row) or the plane itself when that wastes fewer
+      // threads (7x7 = 49: 5 planes of 49 use 245 of 256 threads; 32 lanes would idle
+      // 15 of every 64).
+      unroll_hw = false;
+      bx = nvec < 32 ? static_cast<int>(nvec) : 32;
+      if (nvec > 32 && nvec <= kThreads) {
+        const double use_warp = static_cast<double>(nvec) / (32.0 * ceil_div(nvec, 32));
+        const double use_plane = static_cast<double>(nvec * (kThreads / nvec)) / kThreads;
+        if (use_plane > use_warp) bx = static_cast<int>(nvec);
+      }
+      const int64_t chunk = static_cast<int64_t>(kThreads / bx) * kUnroll;
+      const int64_t n_splits = clamp64(wanted, 1, ceil_div(batch, chunk));
+      n_per_split = round_up(ceil_div(batch, n_splits), chunk);
+      vec_per_split = nvec;
+      hw_splits = 1;
+    }
+    const int64_t splits = ceil_div(batch, n_per_split) * hw_splits;
+    TORCH_INTERNAL_ASSERT(splits >= 1 && splits <= kMaxSplits);
+    make_workspace(splits);
+    grid = dim3(static_cast<unsigned>(channels), static_cast<unsigned>(splits));
+    if (vec) {
+      stats_nchw_kernel<scalar_t, V><<<grid, kThreads, 0, stream>>>(
+          data, batch, channels, hw, n_per_split, vec_per_split, static_cast<int>(hw_splits), bx,
+          unroll_hw, mean_ptr, var_ptr, ws_ptr);
+    } else {
+      stats_nchw_kernel<scalar_t, 1><<<grid, kThreads, 0, stream>>>(
+          data, batch, channels, hw, n_per_split, vec_per_split, static_cast<int>(hw_splits), bx,
+          unroll_hw, mean_ptr, var_ptr, ws_ptr);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  if (ws_ptr != nullptr) {
+    stats_finalize_kernel<acc_t><<<static_cast<unsigned>(channels), kThreads, 0, stream>>>(
+        ws_ptr, channels, static_cast<int>(grid.y), mean_ptr, var_ptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input) {
+  TORCH_CHECK(input.is_cuda(), "batch_norm_stats: input must be a CUDA tensor, got device ",
+              input.device());
+  TORCH_CHECK(input.dim() == 4, "batch_norm_stats: input must be a 4-D (N, C, H, W) tensor, got shape ",
+              input.sizes());
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble,
+              "batch_norm_stats: input must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK(input.size(1) <= std::numeric_limits<int32_t>::max(),
+              "batch_norm_stats: input has too many channels (", input.size(1), ")");
+
+  c10::cuda::CUDAGuard guard(input.device());
+  const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t channels = input.size(1);
+  at::Tensor mean = at::empty({channels}, input.options().dtype(acc_dtype));
+  at::Tensor var = at::empty({channels}, input.options().dtype(acc_dtype));
+  if (channels == 0) {
+    return {mean, var};
+  }
+  if (input.numel() == 0) {  // no values per channel: NaN, as torch.var_mean gives
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    var.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {mean, var};
+  }
+
+  // Pick the layout to read. A tensor can be both NCHW- and channels_last-contiguous
+  // (H = W = 1, or C = 1); take whichever reads longer runs. Other strides: copy.
+  const bool hw_one = input.size(2) * input.size(3) == 1;
+  const bool nchw = input.is_contiguous();
+  const bool nhwc = input.is_contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor x = input;
+  bool channels_last;
+  if (nhwc && (!nchw || hw_one)) {
+    channels_last = true;
+  } else if (nchw) {
+    channels_last = false;
+  } else {
+    x = input.contiguous();
+    channels_last = false;
+  }
+
+  const int64_t target_blocks = wave_blocks(input.device().index());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "batch_norm_stats_cuda", [&] {
+    launch_stats<scalar_t>(x, channels_last, mean, var, target_blocks, stream);
+  });
+  return {mean, var};
+}
+
+}  // namespace
+}  // namespace resnet_fast
+
+TORCH_LIBRARY_IMPL(resnet_fast, CUDA, m) {
+  m.impl("batch_norm_stats", TORCH_FN(resnet_fast::batch_norm_stats_cuda));
+}

@@ -1,0 +1,21 @@
+"""Loading the compiled CUDA extension ``resnet_fast._C``.
+
+The extension only registers CUDA kernels for operators whose schemas are defined in
+Python (:mod:`resnet_fast.ops`); importing it is all that is needed. The package works
+without it: the ``cuda`` backend then reports why it is unavailable.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+
+@functools.lru_cache(maxsize=None)
+def extension_load_error() -> str | None:
+    """Import ``resnet_fast._C`` once; None when it loaded, else why it did not."""
+    try:
+        importlib.import_module("resnet_fast._C")
+    except ImportError as error:
+        return f"CUDA extension resnet_fast._C is not available ({error})"
+    return None

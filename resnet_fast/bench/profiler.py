@@ -1,0 +1,625 @@
+"""Training and inference throughput of ResNets: torchvision eager, torch.compile, resnet_fast.
+
+Every variant starts from the same initial weights (torchvision's model is built once
+under the seed and its state dict loaded into each variant; for the CIFAR networks,
+which torchvision lacks, resnet_fast's own model provides them) and sees the same input
+batches, generated once on the device and rotated.
+
+A training step is forward, cross-entropy on random labels, backward, an SGD step
+(momentum 0.9, lr 0.1, weight decay 1e-4) and ``zero_grad(set_to_none=True)``; fp16 adds
+a GradScaler. An inference step is a forward pass in eval mode under
+``torch.inference_mode``. fp16 / bf16 mean ``torch.autocast`` with that dtype.
+
+On a GPU each timed step sits between two CUDA events and the median is reported; peak
+memory is ``torch.cuda.max_memory_allocated`` over the timed steps. On the CPU each step
+is timed with ``time.perf_counter``.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.metadata
+import json
+import platform
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from tqdm import tqdm
+
+import resnet_fast
+from resnet_fast.ops.dispatch import BACKEND_NAMES
+
+IMAGENET_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+CIFAR_MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+MODELS = IMAGENET_MODELS + CIFAR_MODELS
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MODES = ("train", "infer", "both")
+VARIANT_KINDS = ("eager", "compile", "resnet_fast")
+RESNET_FAST_BACKENDS = ("auto", *BACKEND_NAMES)
+
+NUM_BATCHES = 3  # input batches rotated through the steps, so no step re-reads the last one's input
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """The values used for options the user did not give."""
+
+    model: str
+    batch: int
+    image_size: int  # for the ImageNet networks; the CIFAR ones always default to 32
+    dtype: str
+    steps: int
+    warmup: int
+    compare: str
+    channels_last: bool
+
+
+GPU_DEFAULTS = Defaults(model="resnet50", batch=256, image_size=224, dtype="bf16", steps=50,
+                        warmup=10, compare="eager,compile,resnet_fast", channels_last=True)
+CPU_DEFAULTS = Defaults(model="resnet18", batch=8, image_size=64, dtype="fp32", steps=3,
+                        warmup=1, compare="eager,resnet_fast", channels_last=False)
+
+
+class BenchConfigError(ValueError):
+    """The requested configuration cannot run (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One thing to measure: ``eager``, ``compile`` or ``resnet_fast`` with a backend."""
+
+    name: str
+    kind: str
+    backend: str | None = None
+
+
+@dataclass
+class Options:
+    """The command line as given: ``None`` means "not given, use the default"."""
+
+    model: str | None = None
+    batch: int | None = None
+    image_size: int | None = None
+    dtype: str | None = None
+    mode: str = "both"
+    compare: tuple[Variant, ...] | None = None
+    steps: int | None = None
+    warmup: int | None = None
+    channels_last: bool | None = None
+    device: str | None = None
+    json: str | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """A fully resolved benchmark configuration."""
+
+    model: str
+    batch: int
+    image_size: int
+    dtype: str
+    modes: tuple[str, ...]
+    variants: tuple[Variant, ...]
+    steps: int
+    warmup: int
+    channels_last: bool
+    device: str
+    seed: int
+    json_path: str | None = None
+    notice: str | None = None  # printed at the top (e.g. the no-GPU fallback)
+
+    @property
+    def num_classes(self) -> int:
+        """1000 for the ImageNet networks, 10 for the CIFAR ones."""
+        return 10 if self.model in CIFAR_MODELS else 1000
+
+
+@dataclass
+class Measurement:
+    """The timing of one variant in one mode."""
+
+    variant: str
+    mode: str
+    timings_ms: list[float]
+    median_ms: float
+    images_per_s: float
+    peak_memory_gib: float | None  # None on the CPU
+    compile_s: float | None = None  # first warm-up step of the compile variant
+    speedup: float | None = None  # filled in by :func:`assign_speedups`
+    baseline: str | None = None
+
+
+@dataclass
+class Skipped:
+    """A variant that was not measured, and why."""
+
+    variant: str
+    modes: tuple[str, ...]
+    reasons: list[str]
+
+
+@dataclass
+class BenchReport:
+    """Everything one run produced."""
+
+    config: BenchConfig
+    environment: dict[str, object]
+    measurements: list[Measurement] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        """A JSON-serialisable view of the report."""
+        config = asdict(self.config)
+        config["variants"] = [variant.name for variant in self.config.variants]
+        return {
+            "config": config,
+            "environment": self.environment,
+            "results": [asdict(m) for m in self.measurements],
+            "skipped": [asdict(s) for s in self.skipped],
+        }
+
+
+# ---------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def parse_variant(text: str) -> Variant:
+    """``"eager"``, ``"compile"``, ``"resnet_fast"`` or ``"resnet_fast:<backend>"``."""
+    kind, _, backend = text.strip().partition(":")
+    if kind not in VARIANT_KINDS:
+        raise BenchConfigError(f"unknown variant {text!r}; choose from eager, compile, "
+                               "resnet_fast, resnet_fast:<backend>")
+    if kind != "resnet_fast":
+        if backend:
+            raise BenchConfigError(f"variant {kind!r} takes no backend (got {text!r})")
+        return Variant(name=kind, kind=kind)
+    backend = backend or "auto"
+    if backend not in RESNET_FAST_BACKENDS:
+        raise BenchConfigError(f"unknown resnet_fast backend {backend!r} in {text!r}; "
+                               f"choose one of {', '.join(RESNET_FAST_BACKENDS)}")
+    name = "resnet_fast" if backend == "auto" else f"resnet_fast:{backend}"
+    return Variant(name=name, kind=kind, backend=backend)
+
+
+def parse_variants(text: str) -> tuple[Variant, ...]:
+    """A comma-separated list of variants, without duplicates."""
+    variants = tuple(parse_variant(part) for part in text.split(",") if part.strip())
+    if not variants:
+        raise BenchConfigError("--compare needs at least one variant")
+    names = [variant.name for variant in variants]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise BenchConfigError(f"variant listed twice in --compare: {', '.join(duplicates)}")
+    return variants
+
+
+def median_ms(timings_ms: list[float]) -> float:
+    """The median of per-step times in milliseconds."""
+    if not timings_ms:
+        raise ValueError("no timings to take the median of")
+    return float(statistics.median(timings_ms))
+
+
+def images_per_second(batch: int, step_ms: float) -> float:
+    """Throughput of a step that processes ``batch`` images in ``step_ms`` milliseconds."""
+    if step_ms <= 0:
+        raise ValueError(f"step time must be positive, got {step_ms} ms")
+    return batch / (step_ms / 1e3)
+
+
+def speedup(baseline_ms: float, variant_ms: float) -> float:
+    """How many times faster ``variant_ms`` is than ``baseline_ms`` (per-step times)."""
+    if variant_ms <= 0:
+        raise ValueError(f"step time must be positive, got {variant_ms} ms")
+    return baseline_ms / variant_ms
+
+
+def assign_speedups(measurements: list[Measurement]) -> None:
+    """Fill in each measurement's speedup against ``eager`` in the same mode.
+
+    Where ``eager`` was not measured in a mode, the first measured variant of that mode
+    is the baseline.
+    """
+    for mode in dict.fromkeys(m.mode for m in measurements):
+        in_mode = [m for m in measurements if m.mode == mode]
+        baseline = next((m for m in in_mode if m.variant == "eager"), in_mode[0])
+        for m in in_mode:
+            m.speedup = speedup(baseline.median_ms, m.median_ms)
+            m.baseline = baseline.variant
+
+
+def default_image_size(model: str, defaults: Defaults) -> int:
+    """32 for the CIFAR networks, the device's default size for the ImageNet ones."""
+    return 32 if model in CIFAR_MODELS else defaults.image_size
+
+
+def describe_small_config(config: BenchConfig) -> str:
+    """The parenthesised summary used in the no-GPU notice."""
+    return (f"{config.model}, batch {config.batch}, image {config.image_size}, {config.dtype}, "
+            f"{config.steps} timed steps, {config.warmup} warm-up, compare "
+            f"{','.join(v.name for v in config.variants)}")
+
+
+def resolve_config(options: Options, cuda_available: bool, cuda_bf16: bool = True) -> BenchConfig:
+    """Fill in defaults and check the combination.
+
+    Without ``--device`` the device is ``cuda`` when one exists, else ``cpu``; the CPU
+    gets a small configuration (:data:`CPU_DEFAULTS`) that explicit options override.
+    A GPU without bf16 (``cuda_bf16`` false) defaults to fp16; an explicit bf16 request
+    there is refused by :func:`check_device_support`.
+    """
+    device = options.device or ("cuda" if cuda_available else "cpu")
+    try:
+        device_type = torch.device(device).type
+    except RuntimeError:
+        device_type = None
+    if device_type not in ("cpu", "cuda"):
+        raise BenchConfigError(f"--device must be cpu or cuda[:N], got {device!r}")
+    if device_type == "cuda" and not cuda_available:
+        raise BenchConfigError(f"--device {device} was asked for, but torch sees no CUDA device")
+    defaults = GPU_DEFAULTS if device_type == "cuda" else CPU_DEFAULTS
+
+    model = options.model or defaults.model
+    modes = ("train", "infer") if options.mode == "both" else (options.mode,)
+    batch = options.batch if options.batch is not None else defaults.batch
+    if batch < 1:
+        raise BenchConfigError(f"--batch must be at least 1, got {batch}")
+    if "train" in modes and batch < 2:
+        raise BenchConfigError(f"--batch {batch} cannot train: BatchNorm needs more than one "
+                               "value per channel; use --batch 2 or more, or --mode infer")
+    image_size = options.image_size if options.image_size is not None else default_image_size(model, defaults)
+    if image_size < 1:
+        raise BenchConfigError(f"--image-size must be positive, got {image_size}")
+    steps = options.steps if options.steps is not None else defaults.steps
+    warmup = options.warmup if options.warmup is not None else defaults.warmup
+    if steps < 1 or warmup < 1:
+        raise BenchConfigError("--steps and --warmup must be at least 1 (the first step "
+                               "compiles and autotunes; it is never timed)")
+    config = BenchConfig(
+        model=model,
+        batch=batch,
+        image_size=image_size,
+        dtype=options.dtype or (defaults.dtype if device_type == "cpu" or cuda_bf16 else "fp16"),
+        modes=modes,
+        variants=options.compare or parse_variants(defaults.compare),
+        steps=steps,
+        warmup=warmup,
+        channels_last=defaults.channels_last if options.channels_last is None else options.channels_last,
+        device=device,
+        seed=options.seed,
+        json_path=options.json,
+    )
+    if options.device is None and not cuda_available:
+        notice = (f"No CUDA device: running a small CPU configuration ({describe_small_config(config)}); "
+                  "GPU numbers need a GPU.")
+        config = replace(config, notice=notice)
+    return config
+
+
+def check_device_support(config: BenchConfig) -> None:
+    """Refuse a dtype the device cannot compute in (bf16 on a GPU older than Ampere)."""
+    device = torch.device(config.device)
+    if device.type == "cuda" and config.dtype == "bf16" and not torch.cuda.is_bf16_supported(
+            including_emulation=False):
+        name = torch.cuda.get_device_name(device)
+        raise BenchConfigError(f"{name} has no bf16 support; use --dtype fp16 (with a GradScaler) "
+                               "or --dtype fp32")
+
+
+def skip_reasons(variant: Variant, model: str, info: dict[str, dict]) -> list[str]:
+    """Why ``variant`` cannot run for ``model`` here (empty: it can), from ``backend_info()``."""
+    if variant.kind in ("eager", "compile") and model in CIFAR_MODELS:
+        return [f"torchvision has no CIFAR ResNets, so there is no {variant.kind} baseline for {model}"]
+    if variant.kind == "resnet_fast" and variant.backend != "auto":
+        entry = info[variant.backend]
+        if not entry["available"]:
+            return list(entry["reasons"]) or [f"backend {variant.backend} is not available"]
+    return []
+
+
+# ---------------------------------------------------------------------------------------
+# Environment
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo where there is one)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
+def collect_environment(config: BenchConfig, command_line: str) -> dict[str, object]:
+    """Versions, device and run settings, for the JSON output and the header line."""
+    device = torch.device(config.device)
+    on_gpu = device.type == "cuda"
+    capability = torch.cuda.get_device_capability(device) if on_gpu else None
+    return {
+        "command_line": command_line,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "triton": _package_version("triton"),
+        "resnet_fast": resnet_fast.__version__,
+        "device": config.device,
+        "device_name": torch.cuda.get_device_name(device) if on_gpu else cpu_name(),
+        "capability": f"{capability[0]}.{capability[1]}" if capability else None,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if on_gpu else None,
+        "cpu_threads": torch.get_num_threads(),
+        "dtype": config.dtype,
+        "batch": config.batch,
+        "image_size": config.image_size,
+        "channels_last": config.channels_last,
+        "seed": config.seed,
+        "resnet_fast_backends": resnet_fast.backend_info(),
+    }
+
+
+def environment_line(env: dict[str, object]) -> str:
+    """One line saying what was measured where."""
+    device = f"{env['device']} ({env['device_name']}"
+    device += f", sm {env['capability']})" if env["capability"] else ")"
+    return (f"device {device} | torch {env['torch']} | dtype {env['dtype']} | batch {env['batch']} "
+            f"| image {env['image_size']} | channels_last {'on' if env['channels_last'] else 'off'}")
+
+
+# ---------------------------------------------------------------------------------------
+# Models and inputs
+
+
+def initial_state(config: BenchConfig) -> dict[str, torch.Tensor]:
+    """The initial weights every variant starts from, built once under the seed."""
+    torch.manual_seed(config.seed)
+    if config.model in CIFAR_MODELS:
+        reference = getattr(resnet_fast, config.model)(num_classes=config.num_classes)
+    else:
+        reference = getattr(torchvision.models, config.model)(weights=None, num_classes=config.num_classes)
+    return reference.state_dict()
+
+
+def build_model(config: BenchConfig, variant: Variant, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A fresh model for ``variant`` holding ``state``, on the device, compiled if asked."""
+    if variant.kind == "resnet_fast":
+        model = getattr(resnet_fast, config.model)(num_classes=config.num_classes)
+    else:
+        model = getattr(torchvision.models, config.model)(weights=None, num_classes=config.num_classes)
+    model.load_state_dict(state, strict=True)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model = model.to(device=config.device, memory_format=memory_format)
+    return torch.compile(model) if variant.kind == "compile" else model
+
+
+def make_batches(config: BenchConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A few random-normal image batches and integer labels, generated on the device."""
+    generator = torch.Generator(device=config.device).manual_seed(config.seed)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    shape = (config.batch, 3, config.image_size, config.image_size)
+    batches = []
+    for _ in range(NUM_BATCHES):
+        images = torch.randn(shape, generator=generator, device=config.device)
+        labels = torch.randint(0, config.num_classes, (config.batch,), generator=generator,
+                               device=config.device)
+        batches.append((images.contiguous(memory_format=memory_format), labels))
+    return batches
+
+
+# ---------------------------------------------------------------------------------------
+# Steps and timing
+
+Step = Callable[[int], None]
+
+
+def autocast(config: BenchConfig) -> torch.autocast:
+    """Autocast to the configured dtype (disabled for fp32)."""
+    dtype = DTYPES[config.dtype]
+    return torch.autocast(torch.device(config.device).type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def make_train_step(model: nn.Module, config: BenchConfig, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Step:
+    """Forward, cross-entropy, backward, SGD step, zero_grad; step ``i`` uses batch ``i % n``."""
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler(torch.device(config.device).type, enabled=config.dtype == "fp16")
+
+    def step(i: int) -> None:
+        images, labels = batches[i % len(batches)]
+        with autocast(config):
+            loss = F.cross_entropy(model(images), labels)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def make_infer_step(model: nn.Module, config: BenchConfig, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Step:
+    """A forward pass in eval mode under ``torch.inference_mode``."""
+    model.eval()
+
+    def step(i: int) -> None:
+        images, _ = batches[i % len(batches)]
+        with torch.inference_mode(), autocast(config):
+            model(images)
+
+    return step
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def warm_up(step: Step, count: int, device: torch.device, progress: tqdm) -> float:
+    """Run ``count`` untimed steps; return the wall time of the first (compilation) in seconds."""
+    first_s = 0.0
+    for i in range(count):
+        start = time.perf_counter()
+        step(i)
+        synchronize(device)
+        if i == 0:
+            first_s = time.perf_counter() - start
+        progress.update()
+    return first_s
+
+
+def time_steps(step: Step, count: int, device: torch.device, progress: tqdm) -> list[float]:
+    """Per-step times in ms: CUDA events on a GPU, ``time.perf_counter`` on the CPU."""
+    if device.type == "cuda":
+        events = []
+        for i in range(count):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(i)
+            end.record()
+            events.append((start, end))
+            progress.update()
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) for start, end in events]
+    timings = []
+    for i in range(count):
+        start_s = time.perf_counter()
+        step(i)
+        timings.append((time.perf_counter() - start_s) * 1e3)
+        progress.update()
+    return timings
+
+
+@contextmanager
+def resnet_fast_backend(variant: Variant) -> Iterator[None]:
+    """Select the variant's resnet_fast backend for the duration, then restore the choice."""
+    previous = resnet_fast.get_backend()
+    if variant.backend is not None:
+        resnet_fast.set_backend(variant.backend)
+    try:
+        yield
+    finally:
+        resnet_fast.set_backend(previous)
+
+
+def release_memory(device: torch.device) -> None:
+    """Free what the last variant left, so the next one's peak memory is its own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure(config: BenchConfig, variant: Variant, mode: str, state: dict[str, torch.Tensor],
+            batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Measurement:
+    """Warm up, then time ``config.steps`` steps of ``variant`` in ``mode`` on a fresh model."""
+    device = torch.device(config.device)
+    model = build_model(config, variant, state)
+    make_step = make_train_step if mode == "train" else make_infer_step
+    step = make_step(model, config, batches)
+    with tqdm(total=config.warmup + config.steps, desc=f"{variant.name} {mode}", unit="step",
+              file=sys.stderr, leave=False) as progress:
+        first_step_s = warm_up(step, config.warmup, device, progress)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        timings = time_steps(step, config.steps, device, progress)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    median = median_ms(timings)
+    return Measurement(
+        variant=variant.name,
+        mode=mode,
+        timings_ms=timings,
+        median_ms=median,
+        images_per_s=images_per_second(config.batch, median),
+        peak_memory_gib=peak,
+        compile_s=first_step_s if variant.kind == "compile" else None,
+    )
+
+
+def run_variant(config: BenchConfig, variant: Variant, state: dict[str, torch.Tensor],
+                batches: list[tuple[torch.Tensor, torch.Tensor]], report: BenchReport) -> None:
+    """Measure ``variant`` in every configured mode, recording a skip where its backend refuses."""
+    device = torch.device(config.device)
+    for mode in config.modes:
+        try:
+            with resnet_fast_backend(variant):
+                report.measurements.append(measure(config, variant, mode, state, batches))
+        except resnet_fast.BackendUnavailableError as error:
+            report.skipped.append(Skipped(variant.name, (mode,), [str(error)]))
+        finally:
+            release_memory(device)
+
+
+def run_benchmark(config: BenchConfig, command_line: str) -> BenchReport:
+    """Measure every variant of ``config`` in every mode."""
+    device = torch.device(config.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    report = BenchReport(config=config, environment=collect_environment(config, command_line))
+    info = report.environment["resnet_fast_backends"]
+    state = initial_state(config)
+    batches = make_batches(config)
+    for variant in config.variants:
+        reasons = skip_reasons(variant, config.model, info)
+        if reasons:
+            report.skipped.append(Skipped(variant.name, config.modes, reasons))
+        else:
+            run_variant(config, variant, state, batches, report)
+    assign_speedups(report.measurements)
+    report.environment["cudnn_benchmark"] = torch.backends.cudnn.benchmark
+    return report
+
+
+# ---------------------------------------------------------------------------------------
+# Output
+
+
+def results_table(report: BenchReport) -> Table:
+    """The summary table: one row per measured variant and mode."""
+    baselines = sorted({m.baseline for m in report.measurements if m.baseline})
+    table = Table(title=f"{report.config.model} throughput", title_justify="left")
+    for header in ("variant", "mode", "images/s", "ms/step (median)", "peak memory (GiB)",
+                   "compile (s)", f"speedup vs {'/'.join(baselines) or 'eager'}"):
+        justify = "left" if header in ("variant", "mode") else "right"
+        table.add_column(header, justify=justify, no_wrap=True)
+    for m in report.measurements:
+        table.add_row(m.variant, m.mode, f"{m.images_per_s:,.1f}", f"{m.median_ms:.2f}",
+                      "n/a" if m.peak_memory_gib is None else f"{m.peak_memory_gib:.2f}",
+                      "-" if m.compile_s is None else f"{m.compile_s:.1f}",
+                      f"{m.speedup:.2f}x")
+    return table
+
+
+def print_report(report: BenchReport, console: Console) -> None:
+    """The environment line, the results table and the skipped variants."""
+    console.print(environment_line(report.environment), highlight=False)
+    if report.measurements:
+        console.print(results_table(report))
+    else:
+        console.print("No variant could be measured.")
+    for skipped in report.skipped:
+        console.print(f"skipped {skipped.variant} ({', '.join(skipped.modes)}): "
+                      + "; ".join(skipped.reasons), highlight=False, markup=False)
+
+
+def write_json(report: BenchReport, path: str) -> None:
+    """Write the machine-readable report to ``path``."""
+    Path(path).write_text(json.dumps(report.to_json(), indent=2) + "\n")

@@ -1,0 +1,134 @@
+"""ResNet blocks with torchvision's constructors, attribute names and state-dict keys.
+
+Each convolution and the BatchNorm after it run as one ``resnet_fast::conv_bn_act`` call;
+the block's last one also takes the shortcut as its residual and applies the ReLU.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import Tensor, nn
+
+from resnet_fast.nn.batch_norm_act import BatchNormAct2d
+from resnet_fast.nn.conv_bn_act import conv_bn_act_forward, is_fusable
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
+    """3x3 convolution with padding, no bias (as torchvision)."""
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation,
+                     groups=groups, bias=False, dilation=dilation)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    """1x1 convolution, no bias (as torchvision)."""
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+def shortcut_forward(downsample: nn.Module | None, x: Tensor) -> Tensor:
+    """The block's identity path: ``x``, or ``downsample(x)`` (fused when it is conv + BN)."""
+    if downsample is None:
+        return x
+    if isinstance(downsample, nn.Sequential) and len(downsample) == 2 and is_fusable(*downsample):
+        return conv_bn_act_forward(x, downsample[0], downsample[1], relu=False)
+    return downsample(x)
+
+
+def _adopt_children(block: nn.Module, source: nn.Module) -> nn.Module:
+    """Give ``block`` the children of ``source`` (shared, not copied) and its mode."""
+    for name, child in source.named_children():
+        block.add_module(name, child)
+    if "downsample" not in block._modules:  # ``downsample=None`` is a plain attribute
+        block.downsample = getattr(source, "downsample", None)
+    block.stride = source.stride
+    block.train(source.training)
+    return block
+
+
+def _empty(cls: type[nn.Module]) -> nn.Module:
+    """An instance of ``cls`` with no modules yet (its ``__init__`` not run)."""
+    block = cls.__new__(cls)
+    nn.Module.__init__(block)
+    return block
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a shortcut: torchvision's ``BasicBlock``, fused."""
+
+    expansion: int = 1
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        dilation: int = 1,
+        norm_layer: Callable[..., nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        norm_layer = norm_layer or BatchNormAct2d
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
+        if dilation > 1:
+            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    @classmethod
+    def from_torchvision(cls, block: nn.Module) -> "BasicBlock":
+        """This block type around ``block``'s own modules (parameters shared)."""
+        return _adopt_children(_empty(cls), block)
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = shortcut_forward(self.downsample, x)
+        out = conv_bn_act_forward(x, self.conv1, self.bn1, relu=True)
+        return conv_bn_act_forward(out, self.conv2, self.bn2, residual=identity, relu=True)
+
+
+class Bottleneck(nn.Module):
+    """1x1, 3x3 (stride here, as torchvision v1.5), 1x1 convolutions with a shortcut, fused."""
+
+    expansion: int = 4
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        dilation: int = 1,
+        norm_layer: Callable[..., nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        norm_layer = norm_layer or BatchNormAct2d
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = norm_layer(width)
+        self.conv2 = conv3x3(width, width, stride, groups, dilation)
+        self.bn2 = norm_layer(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    @classmethod
+    def from_torchvision(cls, block: nn.Module) -> "Bottleneck":
+        """This block type around ``block``'s own modules (parameters shared)."""
+        return _adopt_children(_empty(cls), block)
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = shortcut_forward(self.downsample, x)
+        out = conv_bn_act_forward(x, self.conv1, self.bn1, relu=True)
+        out = conv_bn_act_forward(out, self.conv2, self.bn2, relu=True)
+        return conv_bn_act_forward(out, self.conv3, self.bn3, residual=identity, relu=True)

@@ -1,0 +1,30 @@
+"""The ``resnet_fast`` operators (``torch.ops.resnet_fast.*``) and their Python wrappers.
+
+Importing this package defines every operator with ``torch.library`` and loads the CUDA
+extension when it was built (it adds CUDA kernels to the same operators).
+"""
+
+from resnet_fast._extension import extension_load_error
+from resnet_fast.ops import reference  # registers the torch backend's kernels
+from resnet_fast.ops.batch_norm_act import batch_norm_act
+from resnet_fast.ops.batch_norm_stats import batch_norm_stats
+from resnet_fast.ops.conv_bn_act import conv_bn_act
+from resnet_fast.ops.dispatch import (
+    BackendUnavailableError,
+    backend_info,
+    get_backend,
+    set_backend,
+)
+
+extension_load_error()  # adds the CUDA kernels of resnet_fast._C when it was built
+
+__all__ = [
+    "BackendUnavailableError",
+    "backend_info",
+    "batch_norm_act",
+    "batch_norm_stats",
+    "conv_bn_act",
+    "get_backend",
+    "reference",
+    "set_backend",
+]

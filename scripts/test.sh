@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up (scripts/setup.sh) and run the test suite. Arguments go to pytest.
+# Where nvcc is present the CUDA extension must have been built: its tests then assert it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if command -v nvcc >/dev/null 2>&1 && [ "${RESNET_FAST_BUILD_CUDA:-}" != "0" ]; then
+  export RESNET_FAST_EXPECT_CUDA_EXT=1
+fi
+exec "${VENV:-.venv}/bin/python" -m pytest tests -q -ra "$@"

@@ -1,0 +1,80 @@
+"""Backend selection: set_backend, RESNET_FAST_BACKEND, backend_info, reasons."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import resnet_fast
+from resnet_fast.ops import dispatch
+
+
+@pytest.fixture(autouse=True)
+def restore_backend():
+    before = resnet_fast.get_backend()
+    yield
+    resnet_fast.set_backend(before)
+
+
+def test_unknown_backend_is_rejected_with_choices():
+    with pytest.raises(ValueError, match="choose one of auto, cuda, triton, torch"):
+        resnet_fast.set_backend("cudnn")
+
+
+def test_auto_runs_on_cpu_through_torch_backend():
+    resnet_fast.set_backend("auto")
+    x = torch.randn(2, 3, 4, 4)
+    assert dispatch.select_kernel("batch_norm_act", x) is dispatch.BACKENDS["torch"].kernels["batch_norm_act"]
+    out = resnet_fast.ops.batch_norm_act(x)
+    assert out.shape == x.shape
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_explicit_backend_that_cannot_run_lists_reasons(name):
+    resnet_fast.set_backend(name)
+    with pytest.raises(resnet_fast.BackendUnavailableError) as info:
+        resnet_fast.ops.batch_norm_act(torch.randn(2, 3, 4, 4))
+    message = str(info.value)
+    assert f"backend '{name}' cannot run batch_norm_act" in message
+    assert "not implemented" in message or "not on a CUDA device" in message or "Triton needs" in message
+
+
+def test_backend_info_reports_every_backend():
+    info = resnet_fast.backend_info()
+    assert set(info) >= {"cuda", "triton", "torch", "selected", "cuda_device"}
+    assert info["torch"]["available"] and info["torch"]["reasons"] == []
+    assert {"batch_norm_act", "batch_norm_act_backward", "conv_bn_act", "update_running_stats"} <= set(
+        info["torch"]["operators"]
+    )
+    if not torch.cuda.is_available():
+        assert not info["cuda"]["available"]
+        assert any("no CUDA device" in r for r in info["cuda"]["reasons"])
+
+
+def test_not_supported_reasons_name_the_operator():
+    reasons = dispatch.BACKENDS["cuda"].not_supported_reasons("no_such_op", torch.zeros(1))
+    assert any("operator 'no_such_op' is not implemented in the cuda backend" in r for r in reasons)
+    assert any("not on a CUDA device" in r for r in reasons)
+
+
+def _backend_in_fresh_process(value: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RESNET_FAST_BACKEND": value}
+    code = "import resnet_fast; print(resnet_fast.get_backend())"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_environment_variable_sets_the_backend():
+    result = _backend_in_fresh_process("torch")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "torch"
+
+
+def test_environment_variable_with_bad_value_fails_clearly():
+    result = _backend_in_fresh_process("fastest")
+    assert result.returncode != 0
+    assert "unknown resnet_fast backend 'fastest'" in result.stderr
