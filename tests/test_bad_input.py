@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import requires_gpu
 from torch import nn
 
 from resnet_fast.nn import BatchNormAct2d, ConvBNAct2d
-
-from conftest import requires_gpu
 
 
 def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:

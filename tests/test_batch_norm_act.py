@@ -6,13 +6,12 @@ import copy
 
 import pytest
 import torch
+from conftest import DEVICES, DTYPES, assert_close_to_reference, random_input, relu_with_mask_of, requires_gpu
 from torch import nn
 
 import resnet_fast
 from resnet_fast.nn import BatchNormAct2d
-from resnet_fast.ops.batch_norm_act import batch_norm_act_op, batch_norm_act_backward_op, update_running_stats_op
-
-from conftest import DEVICES, DTYPES, assert_close_to_reference, random_input, relu_with_mask_of, requires_gpu
+from resnet_fast.ops.batch_norm_act import batch_norm_act_backward_op, batch_norm_act_op, update_running_stats_op
 
 SHAPES = [(4, 6, 5, 7), (3, 5, 1, 1), (2, 3, 9, 4)]
 # H*W = 1 (ambiguous memory format) in every dtype, NCHW only; the other shapes in both layouts.

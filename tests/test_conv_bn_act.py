@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICES, DTYPES, assert_close_to_reference, random_input, relu_with_mask_of
 from torch import nn
 
 from resnet_fast.nn import ConvBNAct2d
 from resnet_fast.ops.conv_bn_act import conv_bn_act_op
-
-from conftest import DEVICES, DTYPES, assert_close_to_reference, random_input, relu_with_mask_of
 
 # (in, out, kernel, stride, padding, groups, conv bias): every ResNet conv kind, small.
 CONVS = [

@@ -12,49 +12,16 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
+import torchvision.models as tvm
+from model_checks import compare_eval, compare_training_step, images, randomize_batch_norms
 from torch import nn
+from torchvision.models import resnet as tv_resnet
 
-torchvision = pytest.importorskip("torchvision")
-import torchvision.models as tvm  # noqa: E402
-from torchvision.models import resnet as tv_resnet  # noqa: E402
-
-import resnet_fast  # noqa: E402
-from resnet_fast import ConversionReport, convert  # noqa: E402
-from resnet_fast.nn import BasicBlock, BatchNormAct2d, Bottleneck  # noqa: E402
-
-RTOL64 = 1e-10
-
+import resnet_fast
+from resnet_fast import ConversionReport, convert
+from resnet_fast.nn import BasicBlock, BatchNormAct2d, Bottleneck
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def assert_close64(ours: torch.Tensor, ref: torch.Tensor, name: str) -> None:
-    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    if not ours.is_floating_point():
-        assert torch.equal(ours, ref), f"{name}: {ours} != {ref}"
-        return
-    error = (ours - ref).abs().max().item()
-    bound = RTOL64 * max(1.0, ref.abs().max().item())
-    assert error <= bound, f"{name}: max error {error:.3g} > {bound:.3g}"
-
-
-def randomize_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(1 + 0.2 * torch.randn(c, generator=gen, dtype=torch.float64))
-                m.bias.copy_(0.1 * torch.randn(c, generator=gen, dtype=torch.float64))
-                m.running_mean.copy_(0.1 * torch.randn(c, generator=gen, dtype=torch.float64))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=gen, dtype=torch.float64))
-    return model
-
-
-def images(n: int, size: int = 32, channels: int = 3, seed: int = 1) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, channels, size, size, generator=gen, dtype=torch.float64)
 
 
 def storage_pointers(model: nn.Module) -> dict[str, int]:
@@ -86,39 +53,6 @@ def convert_checked(model: nn.Module) -> tuple[nn.Module, ConversionReport]:
     assert not second and len(second) == 0
     assert dict(again.named_modules()) == modules
     return converted, report
-
-
-def compare_eval(ours: nn.Module, ref: nn.Module, x: torch.Tensor) -> None:
-    ours.eval()
-    ref.eval()
-    with torch.no_grad():
-        assert_close64(ours(x), ref(x), "eval output")
-
-
-def compare_training_step(ours: nn.Module, ref: nn.Module, x: torch.Tensor, target: torch.Tensor) -> None:
-    ours.train()
-    ref.train()
-    opt_ours = torch.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9)
-    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
-    out_ours, out_ref = ours(x), ref(x)
-    if target.dtype == torch.long:
-        loss_ours, loss_ref = F.cross_entropy(out_ours, target), F.cross_entropy(out_ref, target)
-    else:
-        loss_ours, loss_ref = F.mse_loss(out_ours, target), F.mse_loss(out_ref, target)
-    assert_close64(loss_ours.detach(), loss_ref.detach(), "loss")
-    loss_ours.backward()
-    loss_ref.backward()
-    ref_params = dict(ref.named_parameters())
-    for name, p in ours.named_parameters():
-        assert p.grad is not None, f"{name}: no gradient"
-        assert_close64(p.grad, ref_params[name].grad, f"grad of {name}")
-    ref_buffers = dict(ref.named_buffers())
-    for name, b in ours.named_buffers():
-        assert_close64(b, ref_buffers[name], f"buffer {name}")
-    opt_ours.step()
-    opt_ref.step()
-    for name, p in ours.named_parameters():
-        assert_close64(p.detach(), ref_params[name].detach(), f"updated {name}")
 
 
 def converted_paths(report: ConversionReport) -> dict[str, str]:
