@@ -13,6 +13,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
+VENV=$(cd "$VENV" && pwd)
 PIP=("$VENV/bin/python" -m pip)
 
 if ! "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null; then
