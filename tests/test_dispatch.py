@@ -78,3 +78,16 @@ def test_environment_variable_with_bad_value_fails_clearly():
     result = _backend_in_fresh_process("fastest")
     assert result.returncode != 0
     assert "unknown resnet_fast backend 'fastest'" in result.stderr
+
+
+def test_auto_never_sends_cpu_tensors_to_the_triton_interpreter(monkeypatch):
+    """Even with TRITON_INTERPRET=1 and a Triton kernel registered, auto keeps CPU on torch."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(dispatch.BACKENDS["triton"].kernels, "probe_op", lambda: "triton")
+    monkeypatch.setitem(dispatch.BACKENDS["torch"].kernels, "probe_op", lambda: "torch")
+    monkeypatch.setattr(dispatch.BACKENDS["triton"], "availability", lambda: [])
+    x = torch.zeros(1)
+    resnet_fast.set_backend("auto")
+    assert dispatch.select_kernel("probe_op", x)() == "torch"
+    resnet_fast.set_backend("triton")
+    assert dispatch.select_kernel("probe_op", x)() == "triton"

@@ -10,7 +10,9 @@ Every operator has up to three implementations ("backends"):
 Each backend answers :meth:`Backend.not_supported_reasons` for a given operator and
 input; ``auto`` picks the first backend (in the order ``cuda``, ``triton``, ``torch``)
 that has no reason to refuse, and an explicitly chosen backend that cannot take a call
-raises :class:`BackendUnavailableError` listing its reasons.
+raises :class:`BackendUnavailableError` listing its reasons. Triton's CPU interpreter
+(``TRITON_INTERPRET=1``) is a testing tool: only an explicit ``triton`` choice sends CPU
+tensors to it, never ``auto``.
 
 The choice is process-wide: :func:`set_backend`, or the environment variable
 ``RESNET_FAST_BACKEND`` read at import time.
@@ -48,13 +50,21 @@ class Backend:
     device_check: Callable[[torch.Tensor], list[str]]
     kernels: dict[str, Callable] = field(default_factory=dict)
 
-    def not_supported_reasons(self, op: str, example: torch.Tensor | None = None) -> list[str]:
-        """Why this backend cannot run ``op`` on ``example`` (empty list: it can)."""
+    def not_supported_reasons(
+        self, op: str, example: torch.Tensor | None = None, explicit: bool = True
+    ) -> list[str]:
+        """Why this backend cannot run ``op`` on ``example`` (empty list: it can).
+
+        ``explicit=False`` (the ``auto`` choice) also refuses CPU tensors in a GPU backend
+        that could only run them through an interpreter.
+        """
         reasons = list(self.availability())
         if op not in self.kernels:
             reasons.append(f"operator '{op}' is not implemented in the {self.name} backend")
         if example is not None:
             reasons.extend(self.device_check(example))
+            if not explicit and self.name != "torch" and not example.is_cuda:
+                reasons.append("auto sends only CUDA tensors to GPU backends")
         return reasons
 
 
@@ -133,7 +143,7 @@ def select_kernel(op: str, example: torch.Tensor) -> Callable:
             )
         return BACKENDS[choice].kernels[op]
     for name in BACKEND_NAMES:
-        if not BACKENDS[name].not_supported_reasons(op, example):
+        if not BACKENDS[name].not_supported_reasons(op, example, explicit=False):
             return BACKENDS[name].kernels[op]
     raise BackendUnavailableError(f"no resnet_fast backend implements {op}")  # torch always does
 
