@@ -1,32 +1,76 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (see BENCHMARKS.md): build the CUDA extension for this
-# GPU, run every test (GPU tests included), then the profiler summary. Results and logs
-# go under $OUT (default ./gpu-out). The machine has torch, triton, pytest,
+# One call on a lent GPU machine: build the CUDA extension for this GPU, run every test
+# (GPU tests included), the benchmark suite's fast path (bf16, channels_last) with its
+# Markdown report, and the profiler. The machine has torch, triton, pytest,
 # pytest-benchmark, rich, tqdm, matplotlib and ninja, and no network.
-#   GPU_CHECK_BENCH_ARGS="..."  extra arguments for the profiler
+#
+#   scripts/gpu_check.sh [STAGE ...]    stages: build tests bench profile (default: all)
+#   OUT=dir                             results (default ./gpu-out)
+#   GPU_CHECK_BENCH_K="bf16-nhwc"       pytest -k filter for the benchmark suite
+#   GPU_CHECK_PROFILE_ARGS="..."        extra profiler arguments
+#
+# The stage limits add up to more than one device call's 10 minutes: the first call on a
+# lent GPU should run `build tests`, a second `build bench profile` (a new machine
+# starts bare, so each call builds).
+#
+# What comes back under $OUT (a handful of files, as the device tool returns at most 8):
+# summary.txt, tests.log, BENCHMARKS.md, profile.json, and gpu-results.tar.gz with every
+# log, JSON file and plot.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
-mkdir -p "$OUT"
+WORK=$(mktemp -d)
+mkdir -p "$OUT" "$WORK/plots"
 export PYTHONUNBUFFERED=1
+stages=${*:-build tests bench profile}
 status=0
 
+note() { echo "$*" | tee -a "$OUT/summary.txt"; }
+run_stage() {  # run_stage NAME SECONDS COMMAND...: time-limited, logged, failure noted
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$WORK/$name.log" 2>&1
+  local rc=$?
+  note "$name: exit $rc in $((SECONDS - start)) s"
+  tail -15 "$WORK/$name.log"
+  [ $rc -eq 0 ] || status=1
+}
+
 {
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-} 2>&1 | tee "$OUT/environment.txt"
-
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, '| CUDA', torch.version.cuda, '| triton', triton.__version__)"
+} 2>&1 | tee "$OUT/summary.txt"
 cap=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-echo "== build (sm_${cap/./})"
-TORCH_CUDA_ARCH_LIST=$cap RESNET_FAST_BUILD_CUDA=1 MAX_JOBS=16 \
-  python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1 || { status=1; tail -30 "$OUT/build.log"; }
 
-echo "== tests"
-RESNET_FAST_EXPECT_CUDA_EXT=1 python3 -m pytest tests -q -ra -p no:cacheprovider \
-  --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log" | tail -25
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+for stage in $stages; do
+  case $stage in
+    build)
+      run_stage build 300 env TORCH_CUDA_ARCH_LIST="$cap" RESNET_FAST_BUILD_CUDA=1 MAX_JOBS=16 \
+        python3 setup.py build_ext --inplace ;;
+    tests)
+      run_stage tests 300 env RESNET_FAST_EXPECT_CUDA_EXT=1 python3 -m pytest tests -q -ra \
+        -p no:cacheprovider --junitxml="$WORK/tests.xml"
+      cp "$WORK/tests.log" "$OUT/tests.log" ;;
+    bench)
+      for level in "batch_norm_act conv_bn_act" blocks models; do
+        files=$(for f in $level; do echo "benchmarks/bench_$f.py"; done)
+        name=bench-${level%% *}
+        k="${GPU_CHECK_BENCH_K:-bf16-nhwc}"
+        [ "$level" = models ] && k="$k and (resnet50- or resnet56-)"
+        # shellcheck disable=SC2086
+        run_stage "$name" 240 python3 -m pytest $files -m gpu -k "$k" -q -rs -p no:cacheprovider \
+          --benchmark-quiet --benchmark-json="$WORK/$name.json"
+      done
+      run_stage report 60 python3 -m resnet_fast.bench.report "$WORK"/bench-*.json \
+        -o "$OUT/BENCHMARKS.md" --plots "$WORK/plots" ;;
+    profile)
+      # shellcheck disable=SC2086
+      run_stage profile 300 python3 -m resnet_fast.bench --json "$OUT/profile.json" \
+        --plot "$WORK/plots/profile.png" ${GPU_CHECK_PROFILE_ARGS:-} ;;
+    *) note "unknown stage $stage"; status=1 ;;
+  esac
+done
 
-echo "== profiler"
-python3 -m resnet_fast.bench --json "$OUT/bench.json" ${GPU_CHECK_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -25
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+tar czf "$OUT/gpu-results.tar.gz" -C "$WORK" .
+note "overall: $([ $status -eq 0 ] && echo ok || echo FAILED)"
 exit $status

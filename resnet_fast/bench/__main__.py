@@ -1,6 +1,7 @@
 """``python -m resnet_fast.bench`` / ``resnet-fast-bench``: parse the command line and run.
 
-The measuring lives in :mod:`resnet_fast.bench.profiler`.
+The measuring lives in :mod:`resnet_fast.bench.profiler`, the figure in
+:mod:`resnet_fast.bench.plot`, traces and the time breakdown in :mod:`resnet_fast.bench.trace`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 import torch
 from rich.console import Console
 
+from resnet_fast.bench.plot import write_plot
 from resnet_fast.bench.profiler import (
     DTYPES,
     MODELS,
@@ -59,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default cuda if available, else cpu)")
     parser.add_argument("--json", metavar="PATH", help="also write the results and environment as JSON")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and inputs (default 0)")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
+                        help="capture each step in a CUDA graph and time its replays (GPU only; default off)")
+    parser.add_argument("--plot", metavar="PATH.png",
+                        help="also draw images/s and peak memory per variant into a PNG")
+    parser.add_argument("--trace", metavar="DIR",
+                        help="also write a torch.profiler Chrome/Perfetto trace of a few steps per variant "
+                             "and mode into DIR (implies --breakdown)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="profile a few steps per variant and mode and print kernel time by category")
     return parser
 
 
@@ -85,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         console.print(config.notice, style="bold yellow", highlight=False, soft_wrap=True)
     report = run_benchmark(config, shlex.join(["resnet-fast-bench", *argv]))
     print_report(report, console)
+    if config.plot_path:
+        console.print(f"wrote {write_plot(report, config.plot_path)}", highlight=False)
+    if config.trace_dir:
+        traces = [m.breakdown.trace_path for m in report.measurements if m.breakdown is not None]
+        console.print(f"wrote {len(traces)} trace(s) under {config.trace_dir} (open in https://ui.perfetto.dev "
+                      "or chrome://tracing)", highlight=False)
     if config.json_path:
         write_json(report, config.json_path)
         console.print(f"wrote {config.json_path}", highlight=False)

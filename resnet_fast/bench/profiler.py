@@ -5,14 +5,24 @@ under the seed and its state dict loaded into each variant; for the CIFAR networ
 which torchvision lacks, resnet_fast's own model provides them) and sees the same input
 batches, generated once on the device and rotated.
 
-A training step is forward, cross-entropy on random labels, backward, an SGD step
+A training step is forward, cross-entropy on random labels, backward, a foreach SGD step
 (momentum 0.9, lr 0.1, weight decay 1e-4) and ``zero_grad(set_to_none=True)``; fp16 adds
 a GradScaler. An inference step is a forward pass in eval mode under
 ``torch.inference_mode``. fp16 / bf16 mean ``torch.autocast`` with that dtype.
 
+With ``cuda_graphs`` a GPU step is captured once in a CUDA graph after warm-up on a
+side stream, and each timed step copies its batch into the graph's static input and
+replays it. A training graph holds forward, loss, backward and the SGD step (SGD has no
+``capturable`` flag and needs none: its foreach step never syncs the host); under fp16 the
+GradScaler's inf check syncs, so the graph holds forward, loss and backward and the
+scaler's step runs eagerly after each replay. A variant that cannot be captured is
+skipped with the error.
+
 On a GPU each timed step sits between two CUDA events and the median is reported; peak
-memory is ``torch.cuda.max_memory_allocated`` over the timed steps. On the CPU each step
-is timed with ``time.perf_counter``.
+memory is ``torch.cuda.max_memory_allocated`` over the timed steps (under CUDA graphs
+``max_memory_reserved`` after emptying the cache, since replays bypass the allocator).
+On the CPU each step is timed with ``time.perf_counter``. With ``breakdown`` a few more
+steps run under ``torch.profiler`` (:mod:`resnet_fast.bench.trace`).
 """
 
 from __future__ import annotations
@@ -24,10 +34,10 @@ import platform
 import statistics
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, ContextManager, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +48,14 @@ from torch import nn
 from tqdm import tqdm
 
 import resnet_fast
+from resnet_fast.bench.trace import (
+    PROFILED_STEPS,
+    Breakdown,
+    breakdown_tables,
+    prepare_for_graphs,
+    profile_steps,
+    trace_file,
+)
 from resnet_fast.ops.dispatch import BACKEND_NAMES
 
 IMAGENET_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -49,6 +67,7 @@ VARIANT_KINDS = ("eager", "compile", "resnet_fast")
 RESNET_FAST_BACKENDS = ("auto", *BACKEND_NAMES)
 
 NUM_BATCHES = 3  # input batches rotated through the steps, so no step re-reads the last one's input
+Batches = list[tuple[torch.Tensor, torch.Tensor]]  # (images, labels) per batch
 
 
 @dataclass(frozen=True)
@@ -100,6 +119,10 @@ class Options:
     device: str | None = None
     json: str | None = None
     seed: int = 0
+    cuda_graphs: bool = False
+    plot: str | None = None
+    trace: str | None = None
+    breakdown: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,6 +142,10 @@ class BenchConfig:
     seed: int
     json_path: str | None = None
     notice: str | None = None  # printed at the top (e.g. the no-GPU fallback)
+    cuda_graphs: bool = False
+    plot_path: str | None = None
+    trace_dir: str | None = None
+    breakdown: bool = False  # profile a few steps per variant and mode (implied by trace_dir)
 
     @property
     def num_classes(self) -> int:
@@ -139,6 +166,8 @@ class Measurement:
     compile_s: float | None = None  # first warm-up step of the compile variant
     speedup: float | None = None  # filled in by :func:`assign_speedups`
     baseline: str | None = None
+    graph: str | None = None  # what the CUDA graph holds (None: eager steps)
+    breakdown: Breakdown | None = None
 
 
 @dataclass
@@ -257,8 +286,8 @@ def resolve_config(options: Options, cuda_available: bool, cuda_bf16: bool = Tru
 
     Without ``--device`` the device is ``cuda`` when one exists, else ``cpu``; the CPU
     gets a small configuration (:data:`CPU_DEFAULTS`) that explicit options override.
-    A GPU without bf16 (``cuda_bf16`` false) defaults to fp16; an explicit bf16 request
-    there is refused by :func:`check_device_support`.
+    A GPU without bf16 (``cuda_bf16`` false) defaults to fp16, with a notice saying so;
+    an explicit bf16 request there is refused by :func:`check_device_support`.
     """
     device = options.device or ("cuda" if cuda_available else "cpu")
     try:
@@ -270,6 +299,7 @@ def resolve_config(options: Options, cuda_available: bool, cuda_bf16: bool = Tru
     if device_type == "cuda" and not cuda_available:
         raise BenchConfigError(f"--device {device} was asked for, but torch sees no CUDA device")
     defaults = GPU_DEFAULTS if device_type == "cuda" else CPU_DEFAULTS
+    check_extras(options, device_type, cuda_available)
 
     model = options.model or defaults.model
     modes = ("train", "infer") if options.mode == "both" else (options.mode,)
@@ -300,12 +330,31 @@ def resolve_config(options: Options, cuda_available: bool, cuda_bf16: bool = Tru
         device=device,
         seed=options.seed,
         json_path=options.json,
+        cuda_graphs=options.cuda_graphs,
+        plot_path=options.plot,
+        trace_dir=options.trace,
+        breakdown=options.breakdown or options.trace is not None,
     )
     if options.device is None and not cuda_available:
         notice = (f"No CUDA device: running a small CPU configuration ({describe_small_config(config)}); "
                   "GPU numbers need a GPU.")
         config = replace(config, notice=notice)
+    elif device_type == "cuda" and options.dtype is None and not cuda_bf16:
+        config = replace(config, notice="This GPU has no bf16 support (compute capability below 8.0): "
+                                        "using fp16 autocast with a GradScaler; --dtype fp32 for full precision.")
     return config
+
+
+def check_extras(options: Options, device_type: str, cuda_available: bool) -> None:
+    """Refuse --cuda-graphs off a GPU, a --plot path that is not a PNG, a --trace path that is a file."""
+    if options.cuda_graphs and device_type != "cuda":
+        why = "torch sees no CUDA device" if not cuda_available else "--device selects the CPU"
+        raise BenchConfigError(f"--cuda-graphs needs a CUDA device, but this run is on the CPU ({why}); "
+                               "CUDA graphs capture GPU kernels")
+    if options.plot is not None and Path(options.plot).suffix.lower() != ".png":
+        raise BenchConfigError(f"--plot writes a PNG image; give a path ending in .png, got {options.plot!r}")
+    if options.trace is not None and Path(options.trace).is_file():
+        raise BenchConfigError(f"--trace takes a directory, but {options.trace!r} is a file")
 
 
 def check_device_support(config: BenchConfig) -> None:
@@ -374,6 +423,7 @@ def collect_environment(config: BenchConfig, command_line: str) -> dict[str, obj
         "image_size": config.image_size,
         "channels_last": config.channels_last,
         "seed": config.seed,
+        "cuda_graphs": config.cuda_graphs,
         "resnet_fast_backends": resnet_fast.backend_info(),
     }
 
@@ -383,7 +433,8 @@ def environment_line(env: dict[str, object]) -> str:
     device = f"{env['device']} ({env['device_name']}"
     device += f", sm {env['capability']})" if env["capability"] else ")"
     return (f"device {device} | torch {env['torch']} | dtype {env['dtype']} | batch {env['batch']} "
-            f"| image {env['image_size']} | channels_last {'on' if env['channels_last'] else 'off'}")
+            f"| image {env['image_size']} | channels_last {'on' if env['channels_last'] else 'off'}"
+            f"{' | CUDA graphs' if env['cuda_graphs'] else ''}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -412,7 +463,7 @@ def build_model(config: BenchConfig, variant: Variant, state: dict[str, torch.Te
     return torch.compile(model) if variant.kind == "compile" else model
 
 
-def make_batches(config: BenchConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_batches(config: BenchConfig) -> Batches:
     """A few random-normal image batches and integer labels, generated on the device."""
     generator = torch.Generator(device=config.device).manual_seed(config.seed)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
@@ -429,43 +480,143 @@ def make_batches(config: BenchConfig) -> list[tuple[torch.Tensor, torch.Tensor]]
 # ---------------------------------------------------------------------------------------
 # Steps and timing
 
-Step = Callable[[int], None]
+Step = Callable[[int], None]  # step ``i`` uses batch ``i % len(batches)``
+
+
+class CaptureError(RuntimeError):
+    """A step could not be captured in a CUDA graph (the message says why)."""
+
+
+def _nothing() -> None:
+    """No work: the tail or reset of a step that has none."""
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One step, split where a CUDA graph has to end.
+
+    ``body`` takes one batch (images, labels) and is what a graph captures; ``tail`` runs
+    after it on every step (work that syncs the host); ``reset`` runs after eager steps and
+    so before a capture, never inside a graph, whose replays overwrite the gradients
+    instead of accumulating them. ``captured`` says what ``body`` does.
+    """
+
+    body: Callable[[torch.Tensor, torch.Tensor], None]
+    tail: Callable[[], None]
+    reset: Callable[[], None]
+    captured: str
 
 
 def autocast(config: BenchConfig) -> torch.autocast:
-    """Autocast to the configured dtype (disabled for fp32)."""
+    """Autocast to the configured dtype (disabled for fp32).
+
+    Its weight-cast cache is off under CUDA graphs, as ``torch.cuda.graph`` requires.
+    """
     dtype = DTYPES[config.dtype]
-    return torch.autocast(torch.device(config.device).type, dtype=dtype, enabled=dtype != torch.float32)
+    return torch.autocast(torch.device(config.device).type, dtype=dtype, enabled=dtype != torch.float32,
+                          cache_enabled=not config.cuda_graphs)
 
 
-def make_train_step(model: nn.Module, config: BenchConfig, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Step:
-    """Forward, cross-entropy, backward, SGD step, zero_grad; step ``i`` uses batch ``i % n``."""
+def make_train_plan(model: nn.Module, config: BenchConfig) -> StepPlan:
+    """Forward, cross-entropy, backward, SGD step (GradScaler under fp16), zero_grad."""
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    # foreach (torch's CUDA default) on every device: one well-defined step, named _foreach_* in profiles
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=True)
     scaler = torch.amp.GradScaler(torch.device(config.device).type, enabled=config.dtype == "fp16")
 
-    def step(i: int) -> None:
-        images, labels = batches[i % len(batches)]
+    def forward_backward(images: torch.Tensor, labels: torch.Tensor) -> None:
         with autocast(config):
             loss = F.cross_entropy(model(images), labels)
         scaler.scale(loss).backward()
+
+    def optimizer_step() -> None:
         scaler.step(optimizer)
         scaler.update()
+
+    def reset() -> None:
         optimizer.zero_grad(set_to_none=True)
 
-    return step
+    if scaler.is_enabled():
+        return StepPlan(forward_backward, optimizer_step, reset,
+                        captured="forward, loss and backward; the GradScaler's inf check syncs the host, "
+                                 "so its SGD step runs eagerly after each replay")
+
+    def whole_step(images: torch.Tensor, labels: torch.Tensor) -> None:
+        forward_backward(images, labels)
+        optimizer_step()
+
+    return StepPlan(whole_step, _nothing, reset, captured="forward, loss, backward and SGD step")
 
 
-def make_infer_step(model: nn.Module, config: BenchConfig, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Step:
+def make_infer_plan(model: nn.Module, config: BenchConfig) -> StepPlan:
     """A forward pass in eval mode under ``torch.inference_mode``."""
     model.eval()
 
-    def step(i: int) -> None:
-        images, _ = batches[i % len(batches)]
+    def forward(images: torch.Tensor, labels: torch.Tensor) -> None:
         with torch.inference_mode(), autocast(config):
             model(images)
 
+    return StepPlan(forward, _nothing, _nothing, captured="forward")
+
+
+def eager_step(plan: StepPlan, batches: Batches) -> Step:
+    """The plan run op by op."""
+
+    def step(i: int) -> None:
+        plan.body(*batches[i % len(batches)])
+        plan.tail()
+        plan.reset()
+
     return step
+
+
+def describe_error(error: BaseException) -> str:
+    """The first line of ``error``'s message and of each exception it arose from (as a
+    traceback would show them), first cause first."""
+    lines: list[str] = []
+    current: BaseException | None = error
+    while current is not None:
+        message = str(current).strip()
+        lines.append(f"{type(current).__name__}: {message.splitlines()[0] if message else '(no message)'}")
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return " -> ".join(reversed(lines))
+
+
+def capture(plan: StepPlan, static_batch: tuple[torch.Tensor, torch.Tensor]) -> torch.cuda.CUDAGraph:
+    """Capture ``plan.body`` on ``static_batch``; any failure becomes a :class:`CaptureError`."""
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(graph):
+            plan.body(*static_batch)
+    except Exception as error:  # whatever stops the capture skips the variant
+        torch.cuda.set_stream(stream)  # a failed capture leaves torch.cuda.graph's own stream current
+        raise CaptureError(f"CUDA graph capture failed: {describe_error(error)}") from error
+    return graph
+
+
+def graphed_step(plan: StepPlan, batches: Batches, warmup: int, device: torch.device,
+                 progress: tqdm) -> tuple[Step, float]:
+    """Warm up eagerly on a side stream, capture the plan, and return a replaying step.
+
+    The step copies its batch into the graph's static input, replays the graph and runs
+    ``plan.tail``. Also returns the first warm-up step's wall time in seconds.
+    """
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        first_step_s = warm_up(eager_step(plan, batches), warmup, device, progress)
+    torch.cuda.current_stream(device).wait_stream(side)
+    static_batch = tuple(tensor.clone() for tensor in batches[0])
+    graph = capture(plan, static_batch)
+
+    def step(i: int) -> None:
+        for static, tensor in zip(static_batch, batches[i % len(batches)]):
+            static.copy_(tensor)
+        graph.replay()
+        plan.tail()
+
+    return step, first_step_s
 
 
 def synchronize(device: torch.device) -> None:
@@ -528,21 +679,53 @@ def release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def start_steps(config: BenchConfig, plan: StepPlan, batches: Batches, progress: tqdm) -> tuple[Step, float]:
+    """Warm up, eagerly or into a CUDA graph; the step to time and the first warm-up step's seconds."""
+    device = torch.device(config.device)
+    if config.cuda_graphs:
+        return graphed_step(plan, batches, config.warmup, device, progress)
+    step = eager_step(plan, batches)
+    return step, warm_up(step, config.warmup, device, progress)
+
+
+def reset_peak_memory(device: torch.device, graphs: bool) -> None:
+    """Count peak memory afresh; under CUDA graphs first release the blocks the eager warm-up cached."""
+    if device.type == "cuda":
+        if graphs:
+            torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device, graphs: bool) -> float | None:
+    """Peak memory since :func:`reset_peak_memory` (None on the CPU).
+
+    Allocated memory for eager steps; reserved memory under CUDA graphs, whose replays
+    use the graph's private pool without going through the allocator.
+    """
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_reserved(device) if graphs else torch.cuda.max_memory_allocated(device)
+    return peak / 2**30
+
+
 def measure(config: BenchConfig, variant: Variant, mode: str, state: dict[str, torch.Tensor],
-            batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Measurement:
-    """Warm up, then time ``config.steps`` steps of ``variant`` in ``mode`` on a fresh model."""
+            batches: Batches) -> Measurement:
+    """Warm up, then time ``config.steps`` steps of ``variant`` in ``mode`` on a fresh model.
+
+    With ``config.breakdown``, a few more steps (as many as were timed, at most
+    :data:`~resnet_fast.bench.trace.PROFILED_STEPS`) are profiled afterwards.
+    """
     device = torch.device(config.device)
     model = build_model(config, variant, state)
-    make_step = make_train_step if mode == "train" else make_infer_step
-    step = make_step(model, config, batches)
+    plan = (make_train_plan if mode == "train" else make_infer_plan)(model, config)
     with tqdm(total=config.warmup + config.steps, desc=f"{variant.name} {mode}", unit="step",
               file=sys.stderr, leave=False) as progress:
-        first_step_s = warm_up(step, config.warmup, device, progress)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        step, first_step_s = start_steps(config, plan, batches, progress)
+        reset_peak_memory(device, config.cuda_graphs)
         timings = time_steps(step, config.steps, device, progress)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    peak = peak_memory_gib(device, config.cuda_graphs)
     median = median_ms(timings)
+    trace_path = trace_file(config.trace_dir, variant.name, mode) if config.trace_dir else None
     return Measurement(
         variant=variant.name,
         mode=mode,
@@ -551,21 +734,30 @@ def measure(config: BenchConfig, variant: Variant, mode: str, state: dict[str, t
         images_per_s=images_per_second(config.batch, median),
         peak_memory_gib=peak,
         compile_s=first_step_s if variant.kind == "compile" else None,
+        graph=plan.captured if config.cuda_graphs else None,
+        breakdown=profile_steps(step, device, trace_path, min(config.steps, PROFILED_STEPS))
+        if config.breakdown else None,
     )
 
 
 def run_variant(config: BenchConfig, variant: Variant, state: dict[str, torch.Tensor],
-                batches: list[tuple[torch.Tensor, torch.Tensor]], report: BenchReport) -> None:
-    """Measure ``variant`` in every configured mode, recording a skip where its backend refuses."""
+                batches: Batches, report: BenchReport) -> None:
+    """Measure ``variant`` in every configured mode, recording a skip where its backend refuses
+    or its CUDA graph cannot be captured."""
     device = torch.device(config.device)
     for mode in config.modes:
         try:
             with resnet_fast_backend(variant):
                 report.measurements.append(measure(config, variant, mode, state, batches))
-        except resnet_fast.BackendUnavailableError as error:
+        except (resnet_fast.BackendUnavailableError, CaptureError) as error:
             report.skipped.append(Skipped(variant.name, (mode,), [str(error)]))
         finally:
             release_memory(device)
+
+
+def on_device(device: torch.device) -> ContextManager[object]:
+    """Make ``device`` the current CUDA device (streams, events, graphs); nothing on the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
 def run_benchmark(config: BenchConfig, command_line: str) -> BenchReport:
@@ -575,14 +767,17 @@ def run_benchmark(config: BenchConfig, command_line: str) -> BenchReport:
         torch.backends.cudnn.benchmark = True
     report = BenchReport(config=config, environment=collect_environment(config, command_line))
     info = report.environment["resnet_fast_backends"]
-    state = initial_state(config)
-    batches = make_batches(config)
-    for variant in config.variants:
-        reasons = skip_reasons(variant, config.model, info)
-        if reasons:
-            report.skipped.append(Skipped(variant.name, config.modes, reasons))
-        else:
-            run_variant(config, variant, state, batches, report)
+    with on_device(device):
+        if config.cuda_graphs and config.breakdown:
+            prepare_for_graphs(device)
+        state = initial_state(config)
+        batches = make_batches(config)
+        for variant in config.variants:
+            reasons = skip_reasons(variant, config.model, info)
+            if reasons:
+                report.skipped.append(Skipped(variant.name, config.modes, reasons))
+            else:
+                run_variant(config, variant, state, batches, report)
     assign_speedups(report.measurements)
     report.environment["cudnn_benchmark"] = torch.backends.cudnn.benchmark
     return report
@@ -595,7 +790,8 @@ def run_benchmark(config: BenchConfig, command_line: str) -> BenchReport:
 def results_table(report: BenchReport) -> Table:
     """The summary table: one row per measured variant and mode."""
     baselines = sorted({m.baseline for m in report.measurements if m.baseline})
-    table = Table(title=f"{report.config.model} throughput", title_justify="left")
+    graphs = " (CUDA graphs)" if report.config.cuda_graphs else ""
+    table = Table(title=f"{report.config.model} throughput{graphs}", title_justify="left")
     for header in ("variant", "mode", "images/s", "ms/step (median)", "peak memory (GiB)",
                    "compile (s)", f"speedup vs {'/'.join(baselines) or 'eager'}"):
         justify = "left" if header in ("variant", "mode") else "right"
@@ -608,13 +804,25 @@ def results_table(report: BenchReport) -> Table:
     return table
 
 
+def graph_notes(measurements: list[Measurement]) -> list[str]:
+    """One line per mode saying what its CUDA graphs hold (none for eager steps)."""
+    held = {m.mode: m.graph for m in measurements if m.graph is not None}
+    return [f"CUDA graph ({mode}): {graph}" for mode, graph in held.items()]
+
+
 def print_report(report: BenchReport, console: Console) -> None:
-    """The environment line, the results table and the skipped variants."""
+    """The environment line, the results table, what the graphs hold, the breakdown and the
+    skipped variants."""
     console.print(environment_line(report.environment), highlight=False)
     if report.measurements:
         console.print(results_table(report))
     else:
         console.print("No variant could be measured.")
+    for note in graph_notes(report.measurements):
+        console.print(note, highlight=False, markup=False)
+    if any(m.breakdown is not None for m in report.measurements):
+        for table in breakdown_tables(report.measurements):
+            console.print(table)
     for skipped in report.skipped:
         console.print(f"skipped {skipped.variant} ({', '.join(skipped.modes)}): "
                       + "; ".join(skipped.reasons), highlight=False, markup=False)
