@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -91,3 +92,22 @@ def test_auto_never_sends_cpu_tensors_to_the_triton_interpreter(monkeypatch):
     assert dispatch.select_kernel("probe_op", x)() == "torch"
     resnet_fast.set_backend("triton")
     assert dispatch.select_kernel("probe_op", x)() == "triton"
+
+
+def test_input_check_reasons_join_the_backend_reasons(monkeypatch):
+    """A backend's registered input check (e.g. a dtype it lacks) refuses with its reason."""
+    monkeypatch.setattr(dispatch.BACKENDS["torch"], "input_check", None)
+    dispatch.register_input_check("torch", lambda x: ["probe: no float16"] if x.dtype == torch.float16 else [])
+    backend = dispatch.BACKENDS["torch"]
+    assert backend.not_supported_reasons("batch_norm_act", torch.zeros(1)) == []
+    assert backend.not_supported_reasons("batch_norm_act", torch.zeros(1, dtype=torch.float16)) == ["probe: no float16"]
+    resnet_fast.set_backend("torch")
+    with pytest.raises(resnet_fast.BackendUnavailableError, match="probe: no float16"):
+        resnet_fast.ops.batch_norm_act(torch.randn(2, 3, 4, 4, dtype=torch.float16))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_triton_backend_refuses_float64_with_a_reason():
+    reasons = dispatch.BACKENDS["triton"].not_supported_reasons("batch_norm_act", torch.zeros(1, dtype=torch.float64))
+    assert any("torch.float64 input is not supported by the triton backend" in r for r in reasons)
+    assert not any("float" in r for r in dispatch.BACKENDS["triton"].input_check(torch.zeros(1)))

@@ -4,6 +4,7 @@ Importing this package defines every operator with ``torch.library`` and loads t
 extension when it was built (it adds CUDA kernels to the same operators).
 """
 
+from resnet_fast import kernels  # noqa: F401  registers the Triton kernels when triton is installed
 from resnet_fast._extension import extension_load_error
 from resnet_fast.ops import reference  # registers the torch backend's kernels
 from resnet_fast.ops.batch_norm_act import batch_norm_act

@@ -42,13 +42,16 @@ class Backend:
     ``kernels`` maps an operator name (``"batch_norm_act"``, ...) to the function that
     implements it; an operator missing from the map is reported as not implemented.
     ``availability`` returns the reasons the backend cannot run at all on this machine
-    (empty when it can); ``device_check`` the reasons it cannot take a given tensor.
+    (empty when it can); ``device_check`` the reasons it cannot take a given tensor
+    because of its device; ``input_check``, when set (see :func:`register_input_check`),
+    the reasons it cannot take it otherwise (its dtype, say).
     """
 
     name: str
     availability: Callable[[], list[str]]
     device_check: Callable[[torch.Tensor], list[str]]
     kernels: dict[str, Callable] = field(default_factory=dict)
+    input_check: Callable[[torch.Tensor], list[str]] | None = None
 
     def not_supported_reasons(
         self, op: str, example: torch.Tensor | None = None, explicit: bool = True
@@ -63,6 +66,8 @@ class Backend:
             reasons.append(f"operator '{op}' is not implemented in the {self.name} backend")
         if example is not None:
             reasons.extend(self.device_check(example))
+            if self.input_check is not None:
+                reasons.extend(self.input_check(example))
             if not explicit and self.name != "torch" and not example.is_cuda:
                 reasons.append("auto sends only CUDA tensors to GPU backends")
         return reasons
@@ -130,6 +135,12 @@ def register_kernel(backend: str, op: str) -> Callable[[Callable], Callable]:
         return fn
 
     return decorate
+
+
+def register_input_check(backend: str, check: Callable[[torch.Tensor], list[str]]) -> None:
+    """Make ``check(example)`` (the reasons ``backend`` cannot take that input, such as an
+    unsupported dtype) part of the backend's :meth:`Backend.not_supported_reasons`."""
+    BACKENDS[backend].input_check = check
 
 
 def select_kernel(op: str, example: torch.Tensor) -> Callable:

@@ -1,0 +1,735 @@
+"""Triton kernels for ``resnet_fast::batch_norm_act`` (forward, backward) and ``conv_bn_act``.
+
+The ``triton`` backend of the BatchNorm-family operators: the math of
+:mod:`resnet_fast.ops.reference` at the bandwidth floor. Per channel c over the
+M = N*H*W values of the normalised tensor x:
+
+Forward, training (three launches; x is read twice from DRAM, out written once):
+
+1. ``_stats_*`` — one read of x. A grid of (channel block, split) programs; each split
+   covers a range of rows (NHWC) or of (image, pixel) tiles (NCHW) and accumulates,
+   in float32, shifted sums S1 = sum(x - K), S2 = sum((x - K)^2) with K the mean of
+   the program's first tile (so a mean offset of 1000 costs no precision), then writes
+   its (count, mean, M2) to a small float32 workspace (3, splits, C).
+2. ``_stats_combine_kernel`` — per channel, Chan's parallel merge of the splits:
+   mean = sum(n_s mean_s) / M, M2 = sum(M2_s + n_s (mean_s - mean)^2), var = M2 / M.
+3. ``_apply_*`` — one read of x (and the residual), one write of out:
+   y = (x - mean) * scale + bias (+ residual) (ReLU), scale = weight / sqrt(var + eps)
+   computed per channel in the kernel. (x - mean first, not x * scale + shift: with a
+   large mean the two products would cancel.)
+
+Forward, eval: only ``_apply_*``, with the running statistics.
+
+Backward, with dy' = dy * (out > 0) under a ReLU (the mask recomputed from ``out``):
+
+1. ``_bwd_reduce_*`` — one read of dy, x (and out): per-split float32 sums of dy' and
+   dy' * (x - mean) into a (2, splits, C) workspace. It also writes d_residual = dy'
+   when asked, and in eval mode dx = weight * invstd * dy' (eval backward is one pass).
+2. ``_bwd_combine_kernel`` — grad_bias = sum(dy'), grad_weight = invstd * sum(dy' (x - mean)).
+3. ``_bwd_dx_*`` (training only) — one read of dy, x (and out), one write of dx:
+   dx = a dy' + k1 (x - mean) + k0 with a = weight * invstd,
+   k1 = -a * invstd * grad_weight / M, k0 = -a * grad_bias / M.
+
+Layouts: channels_last (NHWC) is an (M, C) row-major matrix, tiled [BLOCK_M, BLOCK_C]
+with contiguous (16-byte vectorisable) loads along C. Contiguous NCHW is treated as
+(N, C, HW): reductions give each program one channel and tile [BLOCK_N, BLOCK_HW] over
+(image, pixel); elementwise kernels tile the (N*C, HW) matrix [BLOCK_R, BLOCK_HW] and
+look up each row's channel. H*W == 1 uses the NHWC kernels (the memory is the same).
+Other strides are made contiguous first. Per-element offsets are formed from int64 row
+offsets, so tensors past 2^31 elements work.
+
+No host synchronisation anywhere (CUDA graphs capture it); the launchers are
+``torch.library.triton_op`` operators (``resnet_fast::triton_batch_norm_act_forward``,
+``resnet_fast::triton_batch_norm_act_backward``) calling the kernels through
+``wrap_triton``, so torch.compile can see into them; their fake implementations are
+the launchers themselves, traced with fake tensors (as ``triton_op`` does).
+
+Block sizes and the number of splits come from a few fixed rules (no autotuning): tiles
+of :data:`TILE` (statistics), :data:`BACKWARD_TILE` (backward reduction, three input
+streams) and :data:`ELEMENTWISE_TILE` elements, at most :data:`MAX_BLOCK_C` channels
+(NHWC) or :data:`MAX_BLOCK_HW` pixels (NCHW) wide, :data:`NUM_WARPS` warps, and enough
+splits for :data:`PROGRAMS_PER_SM` programs per SM (the device's SM count; 132 without
+one), while every split keeps at least :data:`MIN_TILES_PER_SPLIT` tiles. The
+module-level constants are read at each call (the tests shrink them to exercise loops,
+tails and multi-split merges on tiny inputs).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from resnet_fast.ops.common import output_memory_format
+from resnet_fast.ops.dispatch import register_kernel
+
+_empty = torch.empty  # every output and workspace comes from here (tests poison it with NaN)
+
+# ----------------------------------------------------------------------------- heuristics
+TILE = 4096  # statistics: elements per program per loop step (32 per thread with 4 warps)
+BACKWARD_TILE = 2048  # backward reduction (three input streams): keeps it near 110 registers
+ELEMENTWISE_TILE = 4096  # elementwise kernels: elements per program
+MAX_BLOCK_C = 64  # NHWC: channels per tile (128 bytes of a 16-bit row)
+MAX_BLOCK_HW = 1024  # NCHW: pixels per tile row
+PROGRAMS_PER_SM = 4  # reduction grids aim at this many programs per SM
+MIN_TILES_PER_SPLIT = 4  # ... but never split a channel below this many tiles per program
+DEFAULT_SM_COUNT = 132  # H100 SXM, when there is no GPU to ask (interpreter, tracing)
+NUM_WARPS = 4
+COMBINE_BLOCK_S = 32
+COMBINE_BLOCK_C = 32
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return DEFAULT_SM_COUNT
+
+
+def _nhwc_blocks(rows: int, channels: int, tile: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_C) for an (rows, channels) row-major matrix."""
+    block_c = min(_pow2(channels), MAX_BLOCK_C)
+    block_m = max(1, min(tile // block_c, _pow2(rows)))
+    return block_m, block_c
+
+
+def _row_hw_blocks(rows: int, hw: int, tile: int) -> tuple[int, int]:
+    """(BLOCK_rows, BLOCK_HW) for NCHW tiles: pixels contiguous, rows strided."""
+    block_hw = min(_pow2(hw), MAX_BLOCK_HW)
+    block_r = max(1, min(tile // block_hw, _pow2(rows)))
+    return block_r, block_hw
+
+
+def _split(tiles: int, parallel: int, sm_count: int) -> tuple[int, int]:
+    """Split ``tiles`` tiles of one channel block over programs: (tiles per split, splits).
+
+    Aims at ``PROGRAMS_PER_SM * sm_count`` programs over ``parallel`` channel blocks, with
+    at least ``MIN_TILES_PER_SPLIT`` tiles per program; every split is non-empty.
+    """
+    wanted = _cdiv(PROGRAMS_PER_SM * sm_count, parallel)
+    splits = max(1, min(wanted, _cdiv(tiles, MIN_TILES_PER_SPLIT)))
+    per_split = _cdiv(tiles, splits)
+    return per_split, _cdiv(tiles, per_split)
+
+
+class _Reduction:
+    """Grid and split geometry of a per-channel reduction over a 4-D tensor."""
+
+    def __init__(self, shape: Sequence[int], nhwc: bool, sm_count: int, tile: int) -> None:
+        n, c, h, w = (int(s) for s in shape)
+        hw = h * w
+        self.nhwc, self.channels, self.count = nhwc, c, n * hw
+        if nhwc:
+            rows = n * hw
+            self.block_r, self.block_k = _nhwc_blocks(rows, c, tile)
+            c_blocks = _cdiv(c, self.block_k)
+            per_split, splits = _split(_cdiv(rows, self.block_r), c_blocks, sm_count)
+            self.rows_per_split = per_split * self.block_r
+            self.splits_r, self.splits_k, self.k_per_split = splits, 1, 0
+            self.grid = (c_blocks, splits)
+        else:
+            self.block_r, self.block_k = _row_hw_blocks(n, hw, tile)
+            n_tiles, hw_tiles = _cdiv(n, self.block_r), _cdiv(hw, self.block_k)
+            per_split, splits = _split(n_tiles * hw_tiles, c, sm_count)
+            # Split images first, then pixels when there are too few images.
+            splits_n = min(splits, n_tiles)
+            n_per = _cdiv(n_tiles, splits_n)
+            splits_n = _cdiv(n_tiles, n_per)
+            splits_hw = min(max(1, splits // splits_n), hw_tiles)
+            hw_per = _cdiv(hw_tiles, splits_hw)
+            splits_hw = _cdiv(hw_tiles, hw_per)
+            self.rows_per_split, self.k_per_split = n_per * self.block_r, hw_per * self.block_k
+            self.splits_r, self.splits_k = splits_n, splits_hw
+            self.grid = (c, splits_n * splits_hw)
+        self.splits = self.grid[1]
+        if self.splits > 65535:
+            raise ValueError(f"too many reduction splits ({self.splits}) for a grid axis")
+
+
+def _elementwise_grid(shape: Sequence[int], nhwc: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_R, BLOCK_K, blocks along K, programs) of the elementwise kernels' 1-D grid."""
+    n, c, h, w = (int(s) for s in shape)
+    if nhwc:
+        block_r, block_k = _nhwc_blocks(n * h * w, c, ELEMENTWISE_TILE)
+        rows, cols = n * h * w, c
+    else:
+        block_r, block_k = _row_hw_blocks(n * c, h * w, ELEMENTWISE_TILE)
+        rows, cols = n * c, h * w
+    k_blocks = _cdiv(cols, block_k)
+    return block_r, block_k, k_blocks, _cdiv(rows, block_r) * k_blocks
+
+
+# ----------------------------------------------------------------------------- kernels
+# The kernels call no @triton.jit helpers: the CPU interpreter pays milliseconds per
+# helper call, which the tests cannot afford inside loops. Per-channel values
+# (mean, invstd = 1 / sqrt(var + eps), scale = weight * invstd) are computed at the top of
+# each program with IEEE division and square root; element loops use only +, -, *.
+
+
+@triton.jit
+def _stats_nhwc_kernel(x_ptr, ws_ptr, M, C, rows_per_split, num_splits,
+                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(count, mean, M2) per (split, channel) of rows [s * rows_per_split, ...) of (M, C) x."""
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    offs_m = tl.arange(0, BLOCK_M)
+    r_start = pid_s.to(tl.int64) * rows_per_split
+    r_end = tl.minimum(r_start + rows_per_split, M)
+
+    # Shift K per channel: the mean of this program's first tile (read again below, from L2).
+    rows = r_start + offs_m
+    mask = (rows < r_end)[:, None] & cmask[None, :]
+    x = tl.load(x_ptr + (rows * C)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    first = tl.minimum(r_end - r_start, BLOCK_M).to(tl.float32)
+    shift = tl.math.div_rn(tl.sum(x, axis=0), first)
+
+    acc1 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for r0 in range(r_start, r_end, BLOCK_M):
+        rows = r0 + offs_m
+        mask = (rows < r_end)[:, None] & cmask[None, :]
+        x = tl.load(x_ptr + (rows * C)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, x - shift[None, :], 0.0)
+        acc1 += d
+        acc2 += d * d
+    s1 = tl.sum(acc1, axis=0)
+    s2 = tl.sum(acc2, axis=0)
+    count = tl.zeros([BLOCK_C], dtype=tl.float32) + (r_end - r_start).to(tl.float32)
+    mean_shift = tl.math.div_rn(s1, count)
+    idx = pid_s * C + cols
+    plane = num_splits * C
+    tl.store(ws_ptr + idx, count, mask=cmask)
+    tl.store(ws_ptr + plane + idx, shift + mean_shift, mask=cmask)
+    tl.store(ws_ptr + 2 * plane + idx, tl.maximum(s2 - s1 * mean_shift, 0.0), mask=cmask)
+
+
+@triton.jit
+def _stats_nchw_kernel(x_ptr, ws_ptr, N, C, HW, n_per_split, hw_per_split, splits_hw, num_splits,
+                       BLOCK_N: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """(count, mean, M2) per (split, channel) of a block of images x pixels of NCHW x."""
+    c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_start = (pid_s // splits_hw) * n_per_split
+    n_end = tl.minimum(n_start + n_per_split, N)
+    h_start = (pid_s % splits_hw) * hw_per_split
+    h_end = tl.minimum(h_start + hw_per_split, HW)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_h = tl.arange(0, BLOCK_HW)
+
+    rows = n_start + offs_n
+    hws = h_start + offs_h
+    mask = (rows < n_end)[:, None] & (hws < h_end)[None, :]
+    row_off = (rows.to(tl.int64) * C + c) * HW
+    x = tl.load(x_ptr + row_off[:, None] + hws[None, :], mask=mask, other=0.0).to(tl.float32)
+    first = (tl.minimum(n_end - n_start, BLOCK_N).to(tl.float32)
+             * tl.minimum(h_end - h_start, BLOCK_HW).to(tl.float32))
+    shift = tl.math.div_rn(tl.sum(x), first)
+
+    acc1 = tl.zeros([BLOCK_N, BLOCK_HW], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_HW], dtype=tl.float32)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        rows = n0 + offs_n
+        rmask = rows < n_end
+        row_off = (rows.to(tl.int64) * C + c) * HW
+        for h0 in range(h_start, h_end, BLOCK_HW):
+            hws = h0 + offs_h
+            mask = rmask[:, None] & (hws < h_end)[None, :]
+            x = tl.load(x_ptr + row_off[:, None] + hws[None, :], mask=mask, other=0.0).to(tl.float32)
+            d = tl.where(mask, x - shift, 0.0)
+            acc1 += d
+            acc2 += d * d
+    s1 = tl.sum(acc1)
+    s2 = tl.sum(acc2)
+    count = (n_end - n_start).to(tl.float32) * (h_end - h_start).to(tl.float32)
+    mean_shift = tl.math.div_rn(s1, count)
+    idx = pid_s * C + c
+    plane = num_splits * C
+    tl.store(ws_ptr + idx, count)
+    tl.store(ws_ptr + plane + idx, shift + mean_shift)
+    tl.store(ws_ptr + 2 * plane + idx, tl.maximum(s2 - s1 * mean_shift, 0.0))
+
+
+@triton.jit
+def _stats_combine_kernel(ws_ptr, mean_ptr, var_ptr, C, num_splits,
+                          BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Chan's merge of the splits' (count, mean, M2): per-channel mean and biased var."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    offs_s = tl.arange(0, BLOCK_S)
+    plane = num_splits * C
+    ref = tl.load(ws_ptr + plane + cols, mask=cmask, other=0.0)  # split 0's mean
+    total = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    moved = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        s = s0 + offs_s
+        mask = (s < num_splits)[:, None] & cmask[None, :]
+        idx = s[:, None] * C + cols[None, :]
+        n = tl.load(ws_ptr + idx, mask=mask, other=0.0)
+        m = tl.load(ws_ptr + plane + idx, mask=mask, other=0.0)
+        total += n
+        moved += n * (m - ref[None, :])
+    count = tl.where(cmask, tl.sum(total, axis=0), 1.0)
+    mean = ref + tl.math.div_rn(tl.sum(moved, axis=0), count)
+    m2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        s = s0 + offs_s
+        mask = (s < num_splits)[:, None] & cmask[None, :]
+        idx = s[:, None] * C + cols[None, :]
+        n = tl.load(ws_ptr + idx, mask=mask, other=0.0)
+        m = tl.load(ws_ptr + plane + idx, mask=mask, other=0.0)
+        q = tl.load(ws_ptr + 2 * plane + idx, mask=mask, other=0.0)
+        delta = m - mean[None, :]
+        m2 += q + n * delta * delta
+    tl.store(mean_ptr + cols, mean, mask=cmask)
+    tl.store(var_ptr + cols, tl.math.div_rn(tl.sum(m2, axis=0), count), mask=cmask)
+
+
+@triton.jit
+def _apply_nhwc_kernel(x_ptr, res_ptr, out_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, M, C, eps, c_blocks,
+                       HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                       RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out = relu((x - mean) * scale + bias + residual) on an (M, C) row-major tile."""
+    pid = tl.program_id(0)
+    pid_c = pid % c_blocks
+    pid_m = pid // c_blocks
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+    var = tl.load(var_ptr + cols, mask=cmask, other=1.0)
+    scale = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
+    if HAS_WEIGHT:
+        scale = scale * tl.load(w_ptr + cols, mask=cmask, other=1.0).to(tl.float32)
+    bias = tl.zeros(mean.shape, dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask = (rows < M)[:, None] & cmask[None, :]
+    offs = (rows * C)[:, None] + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = (x - mean[None, :]) * scale[None, :] + bias[None, :]
+    if HAS_RESIDUAL:
+        y += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        y = tl.maximum(y, 0.0)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _apply_nchw_kernel(x_ptr, res_ptr, out_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, R, C, HW, eps, hw_blocks,
+                       HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                       RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """The same on the (N*C, HW) matrix of NCHW x; row r is channel r % C."""
+    pid = tl.program_id(0)
+    pid_h = pid % hw_blocks
+    pid_r = pid // hw_blocks
+    rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    ch = (rows % C).to(tl.int32)
+    mean = tl.load(mean_ptr + ch, mask=rmask, other=0.0)
+    var = tl.load(var_ptr + ch, mask=rmask, other=1.0)
+    scale = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
+    if HAS_WEIGHT:
+        scale = scale * tl.load(w_ptr + ch, mask=rmask, other=1.0).to(tl.float32)
+    bias = tl.zeros(mean.shape, dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + ch, mask=rmask, other=0.0).to(tl.float32)
+
+    hws = pid_h * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    mask = rmask[:, None] & (hws < HW)[None, :]
+    offs = (rows * HW)[:, None] + hws[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = (x - mean[:, None]) * scale[:, None] + bias[:, None]
+    if HAS_RESIDUAL:
+        y += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        y = tl.maximum(y, 0.0)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_reduce_nhwc_kernel(dy_ptr, x_ptr, out_ptr, mean_ptr, var_ptr, w_ptr, dx_ptr, dres_ptr, ws_ptr,
+                            M, C, eps, rows_per_split, num_splits,
+                            HAS_WEIGHT: tl.constexpr, RELU: tl.constexpr, WRITE_DRES: tl.constexpr,
+                            WRITE_DX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-(split, channel) sums of dy' and dy' (x - mean); d_residual = dy'; eval-mode dx.
+
+    dy' = dy * (out > 0) with a ReLU, else dy; in eval mode dx = weight * invstd * dy'.
+    """
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+    scale = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if WRITE_DX:
+        var = tl.load(var_ptr + cols, mask=cmask, other=1.0)
+        scale = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
+        if HAS_WEIGHT:
+            scale = scale * tl.load(w_ptr + cols, mask=cmask, other=1.0).to(tl.float32)
+    offs_m = tl.arange(0, BLOCK_M)
+    r_start = pid_s.to(tl.int64) * rows_per_split
+    r_end = tl.minimum(r_start + rows_per_split, M)
+    acc_dy = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    acc_dyx = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for r0 in range(r_start, r_end, BLOCK_M):
+        rows = r0 + offs_m
+        mask = (rows < r_end)[:, None] & cmask[None, :]
+        offs = (rows * C)[:, None] + cols[None, :]
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
+        if RELU:
+            dy = tl.where(tl.load(out_ptr + offs, mask=mask, other=0.0) > 0, dy, 0.0)
+        if WRITE_DRES:
+            tl.store(dres_ptr + offs, dy.to(dres_ptr.dtype.element_ty), mask=mask)
+        dy = dy.to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        acc_dy += dy
+        acc_dyx += dy * (x - mean[None, :])
+        if WRITE_DX:
+            tl.store(dx_ptr + offs, (dy * scale[None, :]).to(dx_ptr.dtype.element_ty), mask=mask)
+    idx = pid_s * C + cols
+    tl.store(ws_ptr + idx, tl.sum(acc_dy, axis=0), mask=cmask)
+    tl.store(ws_ptr + num_splits * C + idx, tl.sum(acc_dyx, axis=0), mask=cmask)
+
+
+@triton.jit
+def _bwd_reduce_nchw_kernel(dy_ptr, x_ptr, out_ptr, mean_ptr, var_ptr, w_ptr, dx_ptr, dres_ptr, ws_ptr,
+                            N, C, HW, eps, n_per_split, hw_per_split, splits_hw, num_splits,
+                            HAS_WEIGHT: tl.constexpr, RELU: tl.constexpr, WRITE_DRES: tl.constexpr,
+                            WRITE_DX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """The NCHW version: one channel per program, tiles over (image, pixel)."""
+    c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    mean = tl.load(mean_ptr + c)
+    scale = 0.0
+    if WRITE_DX:
+        scale = tl.math.div_rn(1.0, tl.sqrt_rn(tl.load(var_ptr + c) + eps))
+        if HAS_WEIGHT:
+            scale = scale * tl.load(w_ptr + c).to(tl.float32)
+    n_start = (pid_s // splits_hw) * n_per_split
+    n_end = tl.minimum(n_start + n_per_split, N)
+    h_start = (pid_s % splits_hw) * hw_per_split
+    h_end = tl.minimum(h_start + hw_per_split, HW)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_h = tl.arange(0, BLOCK_HW)
+    acc_dy = tl.zeros([BLOCK_N, BLOCK_HW], dtype=tl.float32)
+    acc_dyx = tl.zeros([BLOCK_N, BLOCK_HW], dtype=tl.float32)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        rows = n0 + offs_n
+        rmask = rows < n_end
+        row_off = (rows.to(tl.int64) * C + c) * HW
+        for h0 in range(h_start, h_end, BLOCK_HW):
+            hws = h0 + offs_h
+            mask = rmask[:, None] & (hws < h_end)[None, :]
+            offs = row_off[:, None] + hws[None, :]
+            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
+            if RELU:
+                dy = tl.where(tl.load(out_ptr + offs, mask=mask, other=0.0) > 0, dy, 0.0)
+            if WRITE_DRES:
+                tl.store(dres_ptr + offs, dy.to(dres_ptr.dtype.element_ty), mask=mask)
+            dy = dy.to(tl.float32)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            acc_dy += dy
+            acc_dyx += dy * (x - mean)
+            if WRITE_DX:
+                tl.store(dx_ptr + offs, (dy * scale).to(dx_ptr.dtype.element_ty), mask=mask)
+    idx = pid_s * C + c
+    tl.store(ws_ptr + idx, tl.sum(acc_dy))
+    tl.store(ws_ptr + num_splits * C + idx, tl.sum(acc_dyx))
+
+
+@triton.jit
+def _bwd_combine_kernel(ws_ptr, var_ptr, gw_ptr, gb_ptr, C, num_splits, eps,
+                        BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """grad_bias = sum(dy'), grad_weight = invstd * sum(dy' (x - mean)) over the splits."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    offs_s = tl.arange(0, BLOCK_S)
+    plane = num_splits * C
+    acc_dy = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    acc_dyx = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        s = s0 + offs_s
+        mask = (s < num_splits)[:, None] & cmask[None, :]
+        idx = s[:, None] * C + cols[None, :]
+        acc_dy += tl.load(ws_ptr + idx, mask=mask, other=0.0)
+        acc_dyx += tl.load(ws_ptr + plane + idx, mask=mask, other=0.0)
+    var = tl.load(var_ptr + cols, mask=cmask, other=1.0)
+    invstd = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
+    tl.store(gb_ptr + cols, tl.sum(acc_dy, axis=0), mask=cmask)
+    tl.store(gw_ptr + cols, tl.sum(acc_dyx, axis=0) * invstd, mask=cmask)
+
+
+@triton.jit
+def _bwd_dx_nhwc_kernel(dy_ptr, x_ptr, out_ptr, mean_ptr, var_ptr, w_ptr, gw_ptr, gb_ptr, dx_ptr,
+                        M, C, eps, inv_count, c_blocks,
+                        HAS_WEIGHT: tl.constexpr, RELU: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Training-mode dx = a dy' + k1 (x - mean) + k0 on an (M, C) row-major tile, with
+    a = weight * invstd, k1 = -a * invstd * grad_weight / M, k0 = -a * grad_bias / M."""
+    pid = tl.program_id(0)
+    pid_c = pid % c_blocks
+    pid_m = pid // c_blocks
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+    invstd = tl.math.div_rn(1.0, tl.sqrt_rn(tl.load(var_ptr + cols, mask=cmask, other=1.0) + eps))
+    a = invstd
+    if HAS_WEIGHT:
+        a = a * tl.load(w_ptr + cols, mask=cmask, other=1.0).to(tl.float32)
+    k1 = -a * invstd * tl.load(gw_ptr + cols, mask=cmask, other=0.0) * inv_count
+    k0 = -a * tl.load(gb_ptr + cols, mask=cmask, other=0.0) * inv_count
+
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask = (rows < M)[:, None] & cmask[None, :]
+    offs = (rows * C)[:, None] + cols[None, :]
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
+    if RELU:
+        dy = tl.where(tl.load(out_ptr + offs, mask=mask, other=0.0) > 0, dy, 0.0)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dx = a[None, :] * dy.to(tl.float32) + k1[None, :] * (x - mean[None, :]) + k0[None, :]
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_dx_nchw_kernel(dy_ptr, x_ptr, out_ptr, mean_ptr, var_ptr, w_ptr, gw_ptr, gb_ptr, dx_ptr,
+                        R, C, HW, eps, inv_count, hw_blocks,
+                        HAS_WEIGHT: tl.constexpr, RELU: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Training-mode dx on the (N*C, HW) matrix of NCHW tensors."""
+    pid = tl.program_id(0)
+    pid_h = pid % hw_blocks
+    pid_r = pid // hw_blocks
+    rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    ch = (rows % C).to(tl.int32)
+    mean = tl.load(mean_ptr + ch, mask=rmask, other=0.0)
+    invstd = tl.math.div_rn(1.0, tl.sqrt_rn(tl.load(var_ptr + ch, mask=rmask, other=1.0) + eps))
+    a = invstd
+    if HAS_WEIGHT:
+        a = a * tl.load(w_ptr + ch, mask=rmask, other=1.0).to(tl.float32)
+    k1 = -a * invstd * tl.load(gw_ptr + ch, mask=rmask, other=0.0) * inv_count
+    k0 = -a * tl.load(gb_ptr + ch, mask=rmask, other=0.0) * inv_count
+
+    hws = pid_h * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    mask = rmask[:, None] & (hws < HW)[None, :]
+    offs = (rows * HW)[:, None] + hws[None, :]
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
+    if RELU:
+        dy = tl.where(tl.load(out_ptr + offs, mask=mask, other=0.0) > 0, dy, 0.0)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dx = a[:, None] * dy.to(tl.float32) + k1[:, None] * (x - mean[:, None]) + k0[:, None]
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+KERNELS = {
+    "stats_nhwc": _stats_nhwc_kernel,
+    "stats_nchw": _stats_nchw_kernel,
+    "stats_combine": _stats_combine_kernel,
+    "apply_nhwc": _apply_nhwc_kernel,
+    "apply_nchw": _apply_nchw_kernel,
+    "bwd_reduce_nhwc": _bwd_reduce_nhwc_kernel,
+    "bwd_reduce_nchw": _bwd_reduce_nchw_kernel,
+    "bwd_combine": _bwd_combine_kernel,
+    "bwd_dx_nhwc": _bwd_dx_nhwc_kernel,
+    "bwd_dx_nchw": _bwd_dx_nchw_kernel,
+}
+"""Every Triton kernel of this module, by name (the ahead-of-time compile test walks it)."""
+
+# Under TRITON_INTERPRET=1 ``triton.jit`` returns interpreter functions: they run on CPU
+# tensors, but cannot be traced, so with fake tensors (the fake implementation, opcheck)
+# the launchers only allocate their outputs.
+INTERPRETED = not isinstance(_apply_nhwc_kernel, triton.runtime.JITFunction)
+
+
+def _launches(t: Tensor) -> bool:
+    return not (INTERPRETED and torch._subclasses.fake_tensor.is_fake(t))
+
+
+# ----------------------------------------------------------------------------- launchers
+def _nhwc(x: Tensor, fmt: torch.memory_format) -> bool:
+    """Whether the NHWC kernels take x: channels_last, or H*W == 1 (the same memory)."""
+    return fmt == torch.channels_last or x.shape[2] * x.shape[3] == 1
+
+
+def _statistics(x: Tensor, nhwc: bool) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance (float32) of contiguous ``x``: two launches."""
+    n, c, h, w = (int(d) for d in x.shape)
+    mean = _empty(c, dtype=torch.float32, device=x.device)
+    var = _empty(c, dtype=torch.float32, device=x.device)
+    red = _Reduction(x.shape, nhwc, _sm_count(x.device), TILE)
+    ws = _empty((3, red.splits, c), dtype=torch.float32, device=x.device)
+    if not _launches(x):
+        return mean, var
+    if nhwc:
+        wrap_triton(_stats_nhwc_kernel)[red.grid](
+            x, ws, n * h * w, c, red.rows_per_split, red.splits,
+            BLOCK_M=red.block_r, BLOCK_C=red.block_k, num_warps=NUM_WARPS)
+    else:
+        wrap_triton(_stats_nchw_kernel)[red.grid](
+            x, ws, n, c, h * w, red.rows_per_split, red.k_per_split, red.splits_k, red.splits,
+            BLOCK_N=red.block_r, BLOCK_HW=red.block_k, num_warps=NUM_WARPS)
+    wrap_triton(_stats_combine_kernel)[(_cdiv(c, COMBINE_BLOCK_C),)](
+        ws, mean, var, c, red.splits, BLOCK_S=COMBINE_BLOCK_S, BLOCK_C=COMBINE_BLOCK_C, num_warps=NUM_WARPS)
+    return mean, var
+
+
+@triton_op("resnet_fast::triton_batch_norm_act_forward", mutates_args=())
+def triton_batch_norm_act_forward(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool,
+    eps: float,
+    relu: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton ``batch_norm_act``: (out, mean, var), statistics in float32."""
+    fmt = output_memory_format(x)
+    x = x.contiguous(memory_format=fmt)
+    nhwc = _nhwc(x, fmt)
+    n, c, h, w = (int(d) for d in x.shape)
+    if training:
+        mean, var = _statistics(x, nhwc)
+    else:
+        mean = running_mean.to(torch.float32, copy=True)
+        var = running_var.to(torch.float32, copy=True)
+    out = _empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    if residual is not None:
+        residual = residual.contiguous(memory_format=fmt)
+    if x.numel() == 0 or not _launches(x):
+        return out, mean, var
+    block_r, block_k, k_blocks, programs = _elementwise_grid(x.shape, nhwc)
+    flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                 HAS_RESIDUAL=residual is not None, RELU=relu, num_warps=NUM_WARPS)
+    w_arg = mean if weight is None else weight
+    b_arg = mean if bias is None else bias
+    r_arg = x if residual is None else residual
+    if nhwc:
+        wrap_triton(_apply_nhwc_kernel)[(programs,)](
+            x, r_arg, out, mean, var, w_arg, b_arg, n * h * w, c, eps, k_blocks,
+            BLOCK_M=block_r, BLOCK_C=block_k, **flags)
+    else:
+        wrap_triton(_apply_nchw_kernel)[(programs,)](
+            x, r_arg, out, mean, var, w_arg, b_arg, n * c, c, h * w, eps, k_blocks,
+            BLOCK_R=block_r, BLOCK_HW=block_k, **flags)
+    return out, mean, var
+
+
+@triton_op("resnet_fast::triton_batch_norm_act_backward", mutates_args=())
+def triton_batch_norm_act_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    mean: Tensor,
+    var: Tensor,
+    out: Optional[Tensor],
+    training: bool,
+    eps: float,
+    relu: bool,
+    need_grad_residual: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Triton ``batch_norm_act_backward``: (grad_input, grad_weight, grad_bias, grad_residual)."""
+    if relu and out is None:
+        raise ValueError("batch_norm_act_backward with relu=True needs the forward output `out`")
+    fmt = output_memory_format(x)
+    x = x.contiguous(memory_format=fmt)
+    grad_out = grad_out.contiguous(memory_format=fmt)
+    out = out.contiguous(memory_format=fmt) if relu else None
+    nhwc = _nhwc(x, fmt)
+    n, c, h, w = (int(d) for d in x.shape)
+    grad_input = _empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    if need_grad_residual:
+        grad_residual = _empty(x.shape, dtype=grad_out.dtype, device=x.device, memory_format=fmt)
+    else:
+        grad_residual = grad_out.new_empty(0)
+    grad_weight = _empty(c, dtype=torch.float32, device=x.device)
+    grad_bias = _empty(c, dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        grad_weight.zero_()
+        grad_bias.zero_()
+        return grad_input, grad_weight, grad_bias, grad_residual
+    red = _Reduction(x.shape, nhwc, _sm_count(x.device), BACKWARD_TILE)
+    ws = _empty((2, red.splits, c), dtype=torch.float32, device=x.device)
+    if not _launches(x):
+        return grad_input, grad_weight, grad_bias, grad_residual
+    w_arg = mean if weight is None else weight
+    o_arg = grad_out if out is None else out
+    r_arg = grad_input if not need_grad_residual else grad_residual
+    flags = dict(HAS_WEIGHT=weight is not None, RELU=relu, num_warps=NUM_WARPS)
+    reduce_flags = dict(WRITE_DRES=need_grad_residual, WRITE_DX=not training, **flags)
+    if nhwc:
+        wrap_triton(_bwd_reduce_nhwc_kernel)[red.grid](
+            grad_out, x, o_arg, mean, var, w_arg, grad_input, r_arg, ws,
+            n * h * w, c, eps, red.rows_per_split, red.splits,
+            BLOCK_M=red.block_r, BLOCK_C=red.block_k, **reduce_flags)
+    else:
+        wrap_triton(_bwd_reduce_nchw_kernel)[red.grid](
+            grad_out, x, o_arg, mean, var, w_arg, grad_input, r_arg, ws,
+            n, c, h * w, eps, red.rows_per_split, red.k_per_split, red.splits_k, red.splits,
+            BLOCK_N=red.block_r, BLOCK_HW=red.block_k, **reduce_flags)
+    wrap_triton(_bwd_combine_kernel)[(_cdiv(c, COMBINE_BLOCK_C),)](
+        ws, var, grad_weight, grad_bias, c, red.splits, eps,
+        BLOCK_S=COMBINE_BLOCK_S, BLOCK_C=COMBINE_BLOCK_C, num_warps=NUM_WARPS)
+    if training:
+        block_r, block_k, k_blocks, programs = _elementwise_grid(x.shape, nhwc)
+        inv_count = 1.0 / red.count
+        if nhwc:
+            wrap_triton(_bwd_dx_nhwc_kernel)[(programs,)](
+                grad_out, x, o_arg, mean, var, w_arg, grad_weight, grad_bias, grad_input,
+                n * h * w, c, eps, inv_count, k_blocks, BLOCK_M=block_r, BLOCK_C=block_k, **flags)
+        else:
+            wrap_triton(_bwd_dx_nchw_kernel)[(programs,)](
+                grad_out, x, o_arg, mean, var, w_arg, grad_weight, grad_bias, grad_input,
+                n * c, c, h * w, eps, inv_count, k_blocks, BLOCK_R=block_r, BLOCK_HW=block_k, **flags)
+    return grad_input, grad_weight, grad_bias, grad_residual
+
+
+# ----------------------------------------------------------------------------- backend
+# (resnet_fast.kernels registered loaders for these; importing this module replaces them.)
+@register_kernel("triton", "batch_norm_act")
+def batch_norm_act(x, weight, bias, residual, running_mean, running_var, training, eps, relu):
+    """``batch_norm_act`` through :func:`triton_batch_norm_act_forward`."""
+    return triton_batch_norm_act_forward(x, weight, bias, residual, running_mean, running_var,
+                                         training, eps, relu)
+
+
+@register_kernel("triton", "batch_norm_act_backward")
+def batch_norm_act_backward(grad_out, x, weight, mean, var, out, training, eps, relu, need_grad_residual):
+    """``batch_norm_act_backward`` through :func:`triton_batch_norm_act_backward`."""
+    return triton_batch_norm_act_backward(grad_out, x, weight, mean, var, out, training, eps, relu,
+                                          need_grad_residual)
+
+
+@register_kernel("triton", "conv_bn_act")
+def conv_bn_act(x, conv_weight, conv_bias, stride: Sequence[int], padding: Sequence[int],
+                dilation: Sequence[int], groups: int, weight, bias, residual, running_mean, running_var,
+                training, eps, relu):
+    """``F.conv2d`` (cuDNN), then the Triton :func:`batch_norm_act`: (out, conv_out, mean, var)."""
+    conv_out = F.conv2d(x, conv_weight, conv_bias, stride, padding, dilation, groups)
+    conv_out = conv_out.contiguous(memory_format=output_memory_format(x))
+    out, mean, var = batch_norm_act(conv_out, weight, bias, residual, running_mean, running_var,
+                                    training, eps, relu)
+    return out, conv_out, mean, var
