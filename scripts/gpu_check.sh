@@ -66,7 +66,8 @@ for stage in $stages; do
     profile)
       # shellcheck disable=SC2086
       run_stage profile 300 python3 -m resnet_fast.bench --json "$OUT/profile.json" \
-        --plot "$WORK/plots/profile.png" ${GPU_CHECK_PROFILE_ARGS:-} ;;
+        --plot "$WORK/plots/profile.png" \
+        ${GPU_CHECK_PROFILE_ARGS:---compare eager,compile,resnet_fast:triton,resnet_fast:cuda} ;;
     *) note "unknown stage $stage"; status=1 ;;
   esac
 done

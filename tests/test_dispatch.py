@@ -111,3 +111,18 @@ def test_triton_backend_refuses_float64_with_a_reason():
     reasons = dispatch.BACKENDS["triton"].not_supported_reasons("batch_norm_act", torch.zeros(1, dtype=torch.float64))
     assert any("torch.float64 input is not supported by the triton backend" in r for r in reasons)
     assert not any("float" in r for r in dispatch.BACKENDS["triton"].input_check(torch.zeros(1)))
+
+
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_unvalidated_gpu_backends_are_explicit_only(name, monkeypatch):
+    """auto skips a backend with an auto_gate (kernels not yet GPU-validated); explicit choice works."""
+    backend = dispatch.BACKENDS[name]
+    assert backend.auto_gate and f"set_backend('{name}')" in backend.auto_gate
+    monkeypatch.setattr(backend, "availability", lambda: [])
+    monkeypatch.setattr(backend, "device_check", lambda x: [])
+    monkeypatch.setitem(backend.kernels, "probe_op", lambda: name)
+    x = torch.zeros(1)
+    assert backend.auto_gate in backend.not_supported_reasons("probe_op", x, explicit=False)
+    assert backend.not_supported_reasons("probe_op", x, explicit=True) == []
+    info = resnet_fast.backend_info()[name]
+    assert info["auto"] is False and info["auto_gate"] == backend.auto_gate

@@ -10,7 +10,9 @@ Every operator has up to three implementations ("backends"):
 Each backend answers :meth:`Backend.not_supported_reasons` for a given operator and
 input; ``auto`` picks the first backend (in the order ``cuda``, ``triton``, ``torch``)
 that has no reason to refuse, and an explicitly chosen backend that cannot take a call
-raises :class:`BackendUnavailableError` listing its reasons. Triton's CPU interpreter
+raises :class:`BackendUnavailableError` listing its reasons. A backend whose kernels
+have not yet passed the GPU test suite carries an ``auto_gate`` reason: ``auto`` skips it
+(correctness first) and an explicit choice still selects it. Triton's CPU interpreter
 (``TRITON_INTERPRET=1``) is a testing tool: only an explicit ``triton`` choice sends CPU
 tensors to it, never ``auto``.
 
@@ -52,6 +54,7 @@ class Backend:
     device_check: Callable[[torch.Tensor], list[str]]
     kernels: dict[str, Callable] = field(default_factory=dict)
     input_check: Callable[[torch.Tensor], list[str]] | None = None
+    auto_gate: str | None = None
 
     def not_supported_reasons(
         self, op: str, example: torch.Tensor | None = None, explicit: bool = True
@@ -70,6 +73,8 @@ class Backend:
                 reasons.extend(self.input_check(example))
             if not explicit and self.name != "torch" and not example.is_cuda:
                 reasons.append("auto sends only CUDA tensors to GPU backends")
+        if not explicit and self.auto_gate is not None:
+            reasons.append(self.auto_gate)
         return reasons
 
 
@@ -96,9 +101,17 @@ def _triton_device_check(x: torch.Tensor) -> list[str]:
     return [f"input is on {x.device.type}; Triton needs a CUDA device (or TRITON_INTERPRET=1)"]
 
 
+# Lifted for a backend once scripts/gpu_check.sh has passed on a GPU with its kernels.
+_NOT_YET_VALIDATED = (
+    "auto skips the {} backend until its kernels have passed the GPU tests "
+    "(scripts/gpu_check.sh); select it explicitly with set_backend('{}')"
+)
+
 BACKENDS: dict[str, Backend] = {
-    "cuda": Backend("cuda", _cuda_extension_reasons, _needs_cuda_tensor),
-    "triton": Backend("triton", _triton_reasons, _triton_device_check),
+    "cuda": Backend("cuda", _cuda_extension_reasons, _needs_cuda_tensor,
+                    auto_gate=_NOT_YET_VALIDATED.format("cuda", "cuda")),
+    "triton": Backend("triton", _triton_reasons, _triton_device_check,
+                      auto_gate=_NOT_YET_VALIDATED.format("triton", "triton")),
     "torch": Backend("torch", lambda: [], lambda x: []),
 }
 
@@ -163,7 +176,8 @@ def backend_info() -> dict[str, dict]:
     """What each backend can do on this machine, and why not.
 
     Returns a dict keyed by backend name, each with ``available`` (the backend can run
-    here at all), ``reasons`` (why not), and ``operators`` (the operators it implements),
+    here at all), ``reasons`` (why not), ``operators`` (the operators it implements),
+    ``auto`` (whether ``auto`` may choose it, and if not ``auto_gate`` says why),
     plus ``"selected"`` (the current choice) and ``"cuda_device"`` (the GPU, or None).
     """
     info: dict[str, dict] = {}
@@ -177,6 +191,8 @@ def backend_info() -> dict[str, dict]:
             "available": not reasons,
             "reasons": reasons,
             "operators": sorted(backend.kernels),
+            "auto": backend.auto_gate is None,
+            "auto_gate": backend.auto_gate,
         }
     info["selected"] = {"choice": _state["choice"]}
     info["cuda_device"] = {
