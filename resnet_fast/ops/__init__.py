@@ -16,6 +16,7 @@ from resnet_fast.ops.dispatch import (
     get_backend,
     set_backend,
 )
+from resnet_fast.ops.sync_batch_norm_act import sync_batch_norm_act
 
 extension_load_error()  # adds the CUDA kernels of resnet_fast._C when it was built
 
@@ -28,4 +29,5 @@ __all__ = [
     "get_backend",
     "reference",
     "set_backend",
+    "sync_batch_norm_act",
 ]
