@@ -4,10 +4,19 @@
 # Markdown report, and the profiler. The machine has torch, triton, pytest,
 # pytest-benchmark, rich, tqdm, matplotlib and ninja, and no network.
 #
-#   scripts/gpu_check.sh [STAGE ...]    stages: build tests bench profile (default: all)
+#   scripts/gpu_check.sh [STAGE ...]    stages: build tests bench cudnn profile (default: all)
 #   OUT=dir                             results (default ./gpu-out)
 #   GPU_CHECK_BENCH_K="bf16-nhwc"       pytest -k filter for the benchmark suite
 #   GPU_CHECK_PROFILE_ARGS="..."        extra profiler arguments
+#
+# Extra Python packages travel as wheels in the git-ignored .whl/ folder at the repository
+# root (the machine has no network): `cudnn` (the cuDNN fused-engine race,
+# benchmarks/bench_cudnn_fused.py) needs nvidia-cudnn-frontend. Here, once:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 -d .whl nvidia-cudnn-frontend
+# and pass `.whl` in the device call's carry; every wheel found there is installed (no
+# dependencies, into /tmp/site on PYTHONPATH) before the stages run. Without it the
+# race's cuDNN cases skip with the reason and ours are still timed.
 #
 # The stage limits add up to more than one device call's 10 minutes: the first call on a
 # lent GPU should run `build tests`, a second `build bench profile` (a new machine
@@ -22,7 +31,7 @@ OUT=${OUT:-gpu-out}
 WORK=$(mktemp -d)
 mkdir -p "$OUT" "$WORK/plots"
 export PYTHONUNBUFFERED=1
-stages=${*:-build tests bench profile}
+stages=${*:-build tests bench cudnn profile}
 status=0
 
 note() { echo "$*" | tee -a "$OUT/summary.txt"; }
@@ -40,6 +49,11 @@ run_stage() {  # run_stage NAME SECONDS COMMAND...: time-limited, logged, failur
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, '| CUDA', torch.version.cuda, '| triton', triton.__version__)"
 } 2>&1 | tee "$OUT/summary.txt"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} && note "installed $(ls .whl)" \
+    || note "installing the carried wheels failed"
+fi
 cap=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 
 for stage in $stages; do
@@ -63,6 +77,10 @@ for stage in $stages; do
       done
       run_stage report 60 python3 -m resnet_fast.bench.report "$WORK"/bench-*.json \
         -o "$OUT/BENCHMARKS.md" --plots "$WORK/plots" ;;
+    cudnn)
+      run_stage cudnn 420 python3 -m pytest benchmarks/bench_cudnn_fused.py -m gpu -q -rs -p no:cacheprovider \
+        --benchmark-quiet --benchmark-json="$WORK/cudnn-race.json"
+      cp "$WORK/cudnn.log" "$OUT/cudnn.log" ;;
     profile)
       # shellcheck disable=SC2086
       run_stage profile 300 python3 -m resnet_fast.bench --json "$OUT/profile.json" \

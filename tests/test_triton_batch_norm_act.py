@@ -21,7 +21,6 @@ import importlib
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -284,66 +283,6 @@ def test_launchers_are_torch_library_triton_ops(kernels):
         assert isinstance(getattr(kernels, name), torch._library.custom_ops.CustomOpDef)
     for op in ("batch_norm_act", "batch_norm_act_backward", "conv_bn_act"):
         assert dispatch.BACKENDS["triton"].kernels[op] is getattr(kernels, op)
-
-
-# ------------------------------------------------------------------ ahead-of-time compile
-# (compute capability, data dtype): bf16 where it is native, fp16 on Volta and Turing.
-AOT_TARGETS = ((90, "bf16"), (80, "bf16"), (75, "fp16"), (70, "fp16"))
-AOT_SCRIPT = textwrap.dedent("""
-    import sys
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from resnet_fast.kernels import batch_norm_act as K
-
-    STATS_POINTERS = {"ws_ptr", "mean_ptr", "var_ptr", "w_ptr", "b_ptr", "gw_ptr", "gb_ptr"}
-    FLOAT_SCALARS = {"eps", "inv_count"}
-    # the shipped rules' typical blocks; every optional path (residual, ReLU, ...) on
-    BLOCKS = {"BLOCK_M": 64, "BLOCK_C": 64, "BLOCK_N": 4, "BLOCK_HW": 1024, "BLOCK_R": 4}
-    COMBINE_BLOCKS = {"BLOCK_S": K.COMBINE_BLOCK_S, "BLOCK_C": K.COMBINE_BLOCK_C}
-
-    def signature_and_constexprs(name, kernel, dtype):
-        sig, constexprs = {}, {}
-        blocks = COMBINE_BLOCKS if "combine" in name else BLOCKS
-        for p in kernel.params:
-            if p.is_constexpr:
-                sig[p.name] = "constexpr"
-                constexprs[p.name] = blocks[p.name] if p.name.startswith("BLOCK_") else True
-            elif p.name.endswith("_ptr"):
-                sig[p.name] = "*fp32" if p.name in STATS_POINTERS else "*" + dtype
-            else:
-                sig[p.name] = "fp32" if p.name in FLOAT_SCALARS else "i32"
-        return sig, constexprs
-
-    done = []
-    for arg in sys.argv[1:]:
-        cap, dtype = arg.split(":")
-        for name, kernel in K.KERNELS.items():
-            assert isinstance(kernel, triton.runtime.JITFunction), name
-            sig, constexprs = signature_and_constexprs(name, kernel, dtype)
-            compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
-                                      target=GPUTarget("cuda", int(cap), 32))
-            assert f".target sm_{cap}" in compiled.asm["ptx"], (name, cap)
-            assert len(compiled.asm["cubin"]) > 1000, (name, cap)
-            done.append(f"{name}@sm_{cap}")
-    print(len(done), " ".join(done))
-""")
-
-
-def test_every_kernel_compiles_ahead_of_time_for_gpu_targets(tmp_path):
-    """CPU-only proof that every kernel builds (PTX and cubin) for sm_70/75/80/90, bf16 included.
-
-    In a fresh process without TRITON_INTERPRET (interpreted kernels cannot be compiled),
-    with its own Triton cache so that every kernel is really compiled.
-    """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    targets = [f"{cap}:{dtype}" for cap, dtype in AOT_TARGETS]
-    result = subprocess.run([sys.executable, "-c", AOT_SCRIPT, *targets], env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    kernels = importlib.import_module(KERNEL_MODULE).KERNELS
-    assert int(result.stdout.split()[0]) == len(kernels) * len(AOT_TARGETS), result.stdout
 
 
 # ----------------------------------------------------------------------------- GPU only

@@ -66,8 +66,11 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from resnet_fast.kernels import register_compile_example
 from resnet_fast.ops.common import output_memory_format
 from resnet_fast.ops.dispatch import register_kernel
+
+USES_TENSOR_CORES = False  # reductions and elementwise only: fine on sm_70/sm_75 too
 
 _empty = torch.empty  # every output and workspace comes from here (tests poison it with NaN)
 
@@ -554,12 +557,38 @@ KERNELS = {
     "bwd_dx_nhwc": _bwd_dx_nhwc_kernel,
     "bwd_dx_nchw": _bwd_dx_nchw_kernel,
 }
-"""Every Triton kernel of this module, by name (the ahead-of-time compile test walks it)."""
+"""Every Triton kernel of this module, by name."""
+
+
+def _compile_example(name: str, kernel) -> tuple[dict[str, str], dict[str, object]]:
+    """Signature and constexprs for compiling ``kernel`` ahead of time: the shipped rules'
+    typical blocks and every optional path (residual, ReLU, ...) switched on. Per-channel
+    vectors and workspaces are float32; the other pointers hold activations."""
+    float32_pointers = {"ws_ptr", "mean_ptr", "var_ptr", "w_ptr", "b_ptr", "gw_ptr", "gb_ptr"}
+    float_scalars = {"eps", "inv_count"}
+    if "combine" in name:
+        blocks = {"BLOCK_S": COMBINE_BLOCK_S, "BLOCK_C": COMBINE_BLOCK_C}
+    else:
+        blocks = {"BLOCK_M": 64, "BLOCK_C": 64, "BLOCK_N": 4, "BLOCK_HW": 1024, "BLOCK_R": 4}
+    signature, constexprs = {}, {}
+    for p in kernel.params:
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = blocks[p.name] if p.name.startswith("BLOCK_") else True
+        elif p.name.endswith("_ptr"):
+            signature[p.name] = "*fp32" if p.name in float32_pointers else "*{data}"
+        else:
+            signature[p.name] = "fp32" if p.name in float_scalars else "i32"
+    return signature, constexprs
 
 # Under TRITON_INTERPRET=1 ``triton.jit`` returns interpreter functions: they run on CPU
 # tensors, but cannot be traced, so with fake tensors (the fake implementation, opcheck)
 # the launchers only allocate their outputs.
 INTERPRETED = not isinstance(_apply_nhwc_kernel, triton.runtime.JITFunction)
+
+if not INTERPRETED:  # interpreter functions cannot be compiled ahead of time
+    for _name, _kernel in KERNELS.items():
+        register_compile_example(__name__, _name, _kernel, *_compile_example(_name, _kernel))
 
 
 def _launches(t: Tensor) -> bool:

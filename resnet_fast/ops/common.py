@@ -10,6 +10,8 @@ from typing import Sequence
 
 import torch
 
+from resnet_fast.ops.dispatch import device_capability
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -34,6 +36,25 @@ def check_float_tensor(name: str, t: torch.Tensor) -> None:
         )
 
 
+BFLOAT16_CAPABILITY = (8, 0)  # Ampere: the first GPUs with bfloat16 arithmetic
+
+
+def check_dtype_on_device(name: str, t: torch.Tensor) -> None:
+    """Refuse a bfloat16 CUDA tensor on a GPU without bfloat16 (V100 sm_70, T4 sm_75).
+
+    Kernels there would emulate bf16 at best; fp16 with a GradScaler is the fast path.
+    """
+    if t.dtype != torch.bfloat16 or not t.is_cuda:
+        return
+    capability = device_capability(t.device)
+    if tuple(capability) < BFLOAT16_CAPABILITY:
+        raise TypeError(
+            f"{name} is torch.bfloat16 on {t.device}, a GPU of compute capability "
+            f"{capability[0]}.{capability[1]} without bfloat16 support (it needs 8.0 or newer); use float16 "
+            "instead: torch.autocast('cuda', dtype=torch.float16) with torch.amp.GradScaler('cuda')"
+        )
+
+
 def check_same_device(reference: torch.Tensor, **tensors: torch.Tensor | None) -> None:
     for name, t in tensors.items():
         if t is not None and t.device != reference.device:
@@ -45,6 +66,7 @@ def check_same_device(reference: torch.Tensor, **tensors: torch.Tensor | None) -
 
 def check_input_4d(name: str, x: torch.Tensor) -> None:
     check_float_tensor(name, x)
+    check_dtype_on_device(name, x)
     if x.dim() != 4:
         raise ValueError(f"{name} must be a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
 

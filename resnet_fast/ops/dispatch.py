@@ -16,14 +16,26 @@ have not yet passed the GPU test suite carries an ``auto_gate`` reason: ``auto``
 (``TRITON_INTERPRET=1``) is a testing tool: only an explicit ``triton`` choice sends CPU
 tensors to it, never ``auto``.
 
+Compute capability: a kernel registration may declare the capability it needs to be fast
+(:class:`CapabilityRequirement`, e.g. :data:`TENSOR_CORE_DOT` for Triton kernels built on
+``tl.dot``, which Triton runs on tensor cores only from sm_80 and falls back to FMA below).
+The capability comes from the input tensor's device (:func:`device_capability`, cached per
+device). On a device below the requirement ``auto`` skips that backend for that operator
+and takes the next (``cuda`` first, then ``torch``); an explicit choice still runs it,
+since the result is correct, and warns once per operator and device with the reason
+(:class:`CapabilityWarning`). :func:`backend_info` lists the requirements and which of
+them the current GPU misses.
+
 The choice is process-wide: :func:`set_backend`, or the environment variable
 ``RESNET_FAST_BACKEND`` read at import time.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -35,6 +47,50 @@ _CHOICES = ("auto", *BACKEND_NAMES)
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run an operator on the given input."""
+
+
+class CapabilityWarning(UserWarning):
+    """An explicitly chosen backend runs a kernel on a GPU below the capability it needs to be fast."""
+
+
+@dataclass(frozen=True)
+class CapabilityRequirement:
+    """The compute capability a kernel needs to run as designed, and why.
+
+    ``min_capability`` is (major, minor); ``why`` completes "needs compute capability
+    X.Y or newer: ...".
+    """
+
+    min_capability: tuple[int, int]
+    why: str
+
+    def reason(self, backend: str, op: str, device: torch.device, capability: tuple[int, int]) -> str | None:
+        """Why ``op`` in ``backend`` should not run on ``device`` (None: it may)."""
+        if tuple(capability) >= tuple(self.min_capability):
+            return None
+        need = "%d.%d" % tuple(self.min_capability)
+        have = "%d.%d" % tuple(capability)
+        return (f"operator '{op}' in the {backend} backend needs compute capability {need} or newer "
+                f"({self.why}); {device} has {have}")
+
+
+TENSOR_CORE_DOT = CapabilityRequirement(
+    (8, 0),
+    "uses tl.dot, which Triton runs on tensor cores only from sm_80; below, it falls back to FMA, "
+    "several times slower",
+)
+"""The requirement of a Triton kernel built on ``tl.dot`` (a convolution or matrix product)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_of(index: int) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA ``device``, looked up once per device."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability_of(index)
 
 
 @dataclass
@@ -55,6 +111,14 @@ class Backend:
     kernels: dict[str, Callable] = field(default_factory=dict)
     input_check: Callable[[torch.Tensor], list[str]] | None = None
     auto_gate: str | None = None
+    requirements: dict[str, CapabilityRequirement] = field(default_factory=dict)
+
+    def capability_reason(self, op: str, example: torch.Tensor) -> str | None:
+        """Why ``op``'s kernel should not run on ``example``'s GPU (None: it may, or no GPU)."""
+        requirement = self.requirements.get(op)
+        if requirement is None or not example.is_cuda:
+            return None
+        return requirement.reason(self.name, op, example.device, device_capability(example.device))
 
     def not_supported_reasons(
         self, op: str, example: torch.Tensor | None = None, explicit: bool = True
@@ -62,7 +126,9 @@ class Backend:
         """Why this backend cannot run ``op`` on ``example`` (empty list: it can).
 
         ``explicit=False`` (the ``auto`` choice) also refuses CPU tensors in a GPU backend
-        that could only run them through an interpreter.
+        that could only run them through an interpreter, a backend behind an ``auto_gate``,
+        and a kernel on a GPU below its declared capability (an explicit choice runs that
+        one, see :func:`select_kernel`).
         """
         reasons = list(self.availability())
         if op not in self.kernels:
@@ -73,6 +139,9 @@ class Backend:
                 reasons.extend(self.input_check(example))
             if not explicit and self.name != "torch" and not example.is_cuda:
                 reasons.append("auto sends only CUDA tensors to GPU backends")
+            capability = self.capability_reason(op, example)
+            if not explicit and capability is not None:
+                reasons.append(capability)
         if not explicit and self.auto_gate is not None:
             reasons.append(self.auto_gate)
         return reasons
@@ -140,11 +209,21 @@ def get_backend() -> str:
     return _state["choice"]
 
 
-def register_kernel(backend: str, op: str) -> Callable[[Callable], Callable]:
-    """Decorator: make ``fn`` the implementation of ``op`` in ``backend``."""
+def register_kernel(
+    backend: str, op: str, *, requires: CapabilityRequirement | None = None
+) -> Callable[[Callable], Callable]:
+    """Decorator: make ``fn`` the implementation of ``op`` in ``backend``.
+
+    ``requires`` declares the compute capability the kernel needs to be fast (e.g.
+    :data:`TENSOR_CORE_DOT`); ``auto`` then skips it on older GPUs. A later registration
+    without ``requires`` (a lazily loaded module replacing its loader) keeps the
+    declaration.
+    """
 
     def decorate(fn: Callable) -> Callable:
         BACKENDS[backend].kernels[op] = fn
+        if requires is not None:
+            BACKENDS[backend].requirements[op] = requires
         return fn
 
     return decorate
@@ -156,16 +235,34 @@ def register_input_check(backend: str, check: Callable[[torch.Tensor], list[str]
     BACKENDS[backend].input_check = check
 
 
+_warned: set[tuple[str, str, torch.device]] = set()
+
+
+def _warn_once(backend: str, op: str, device: torch.device, reason: str) -> None:
+    if (backend, op, device) not in _warned:
+        _warned.add((backend, op, device))
+        warnings.warn(f"resnet_fast backend '{backend}' was chosen explicitly and runs anyway: {reason}; "
+                      "set_backend('auto') picks a faster backend here", CapabilityWarning, stacklevel=3)
+
+
 def select_kernel(op: str, example: torch.Tensor) -> Callable:
-    """The implementation of ``op`` that the current choice gives for ``example``."""
+    """The implementation of ``op`` that the current choice gives for ``example``.
+
+    An explicit backend whose kernel declared a capability the device lacks still runs
+    (its result is correct), with a one-time :class:`CapabilityWarning`.
+    """
     choice = _state["choice"]
     if choice != "auto":
-        reasons = BACKENDS[choice].not_supported_reasons(op, example)
+        backend = BACKENDS[choice]
+        reasons = backend.not_supported_reasons(op, example)
         if reasons:
             raise BackendUnavailableError(
                 f"resnet_fast backend '{choice}' cannot run {op}: " + "; ".join(reasons)
             )
-        return BACKENDS[choice].kernels[op]
+        capability = backend.capability_reason(op, example)
+        if capability is not None:
+            _warn_once(choice, op, example.device, capability)
+        return backend.kernels[op]
     for name in BACKEND_NAMES:
         if not BACKENDS[name].not_supported_reasons(op, example, explicit=False):
             return BACKENDS[name].kernels[op]
@@ -178,8 +275,14 @@ def backend_info() -> dict[str, dict]:
     Returns a dict keyed by backend name, each with ``available`` (the backend can run
     here at all), ``reasons`` (why not), ``operators`` (the operators it implements),
     ``auto`` (whether ``auto`` may choose it, and if not ``auto_gate`` says why),
-    plus ``"selected"`` (the current choice) and ``"cuda_device"`` (the GPU, or None).
+    ``requirements`` (operator -> "needs compute capability X.Y or newer: why") and
+    ``capability_reasons`` (operator -> why ``auto`` skips it on the current GPU, for the
+    operators whose requirement that GPU misses), plus ``"selected"`` (the current
+    choice) and ``"cuda_device"`` (the GPU's name and capability, or None).
     """
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if gpu else None
+    capability = device_capability(device) if gpu else None
     info: dict[str, dict] = {}
     for name in BACKEND_NAMES:
         backend = BACKENDS[name]
@@ -193,11 +296,19 @@ def backend_info() -> dict[str, dict]:
             "operators": sorted(backend.kernels),
             "auto": backend.auto_gate is None,
             "auto_gate": backend.auto_gate,
+            "requirements": {
+                op: "needs compute capability %d.%d or newer: %s" % (*req.min_capability, req.why)
+                for op, req in sorted(backend.requirements.items())
+            },
+            "capability_reasons": {
+                op: reason for op, req in sorted(backend.requirements.items())
+                if capability is not None and (reason := req.reason(name, op, device, capability)) is not None
+            },
         }
     info["selected"] = {"choice": _state["choice"]}
     info["cuda_device"] = {
-        "name": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "capability": torch.cuda.get_device_capability() if torch.cuda.is_available() else None,
+        "name": torch.cuda.get_device_name(device) if gpu else None,
+        "capability": capability,
     }
     return info
 
