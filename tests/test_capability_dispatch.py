@@ -83,7 +83,7 @@ def tensor_core_op(tagged):
 @pytest.fixture
 def validated(monkeypatch):
     """The GPU backends as they will be once validated on a GPU: no auto gate, the CUDA
-    extension loaded (it implements no Python-dispatched operator yet)."""
+    extension loaded."""
     for name in ("cuda", "triton"):
         monkeypatch.setattr(dispatch.BACKENDS[name], "auto_gate", None)
         monkeypatch.setattr(dispatch.BACKENDS[name], "availability", lambda: [])
@@ -123,12 +123,14 @@ def test_auto_prefers_the_cuda_backend_for_tensor_core_work_below_sm80(name, gpu
 
 @pytest.mark.parametrize("name", CAPABILITIES)
 @pytest.mark.parametrize("op", REAL_OPS)
-def test_bandwidth_kernels_run_in_triton_on_every_capability(name, op, gpu, validated, tagged):
-    """The BatchNorm-family Triton kernels use no tl.dot: auto takes them from sm_70 up
-    (the CUDA extension implements none of these operators in the dispatcher yet)."""
+def test_bandwidth_kernels_run_on_gpu_backends_on_every_capability(name, op, gpu, validated, tagged):
+    """The BatchNorm-family kernels use no tl.dot: auto takes them from sm_70 up, the CUDA
+    C++ ones first, Triton's where the cuda backend has none (the running-stats update)."""
     assert op not in dispatch.BACKENDS["triton"].requirements
+    assert op not in dispatch.BACKENDS["cuda"].requirements
     x = gpu(name)(2, 8, 4, 4)
-    assert chosen_backend(op, x) == "triton"
+    expected = "cuda" if op in dispatch.BACKENDS["cuda"].kernels else "triton"
+    assert chosen_backend(op, x) == expected
 
 
 @pytest.mark.parametrize("name", CAPABILITIES)
@@ -145,8 +147,11 @@ def test_shipped_gates_keep_auto_on_torch_and_say_why(name, gpu, tensor_core_op)
 
 def test_conv_bn_act_registered_with_tensor_cores_moves_off_triton_below_sm80(gpu, tensor_core_op, validated,
                                                                               monkeypatch):
-    """What a Triton convolution's registration (``requires=TENSOR_CORE_DOT``) does to the real op."""
+    """What a Triton convolution's registration (``requires=TENSOR_CORE_DOT``) does to the real
+    op, where the cuda backend has no kernel for it (it is tried first otherwise)."""
     monkeypatch.setitem(dispatch.BACKENDS["triton"].requirements, "conv_bn_act", TENSOR_CORE_DOT)
+    for op in ("conv_bn_act", "batch_norm_act"):
+        monkeypatch.delitem(dispatch.BACKENDS["cuda"].kernels, op)
     for name in CAPABILITIES:
         x = gpu(name)(2, 8, 4, 4)
         assert chosen_backend("conv_bn_act", x) == ("torch" if name in BELOW_SM80 else "triton"), name
