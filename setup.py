@@ -109,7 +109,9 @@ def _cuda_extension():
         sources=sources,
         extra_compile_args={
             "cxx": ["-O3", "-std=c++20"],
-            "nvcc": ["-O3", "-std=c++20", "-lineinfo"],
+            # --threads=0: nvcc compiles the architectures of one file in parallel (one
+            # thread per CPU), so the largest kernel file is not one long serial job.
+            "nvcc": ["-O3", "-std=c++20", "-lineinfo", "--threads=0"],
         },
     )
     # BuildExtension runs ninja with MAX_JOBS parallel jobs when that is set.
