@@ -2,6 +2,14 @@
 
 from resnet_fast.nn.batch_norm_act import BatchNormAct2d
 from resnet_fast.nn.blocks import BasicBlock, Bottleneck
-from resnet_fast.nn.conv_bn_act import ConvBNAct2d, conv_bn_act_forward, is_fusable
+from resnet_fast.nn.conv_bn_act import (
+    ConvBNAct2d,
+    clear_fold_cache,
+    conv_bn_act_forward,
+    fold_batch_norm,
+    is_foldable,
+    is_fusable,
+)
 
-__all__ = ["BasicBlock", "BatchNormAct2d", "Bottleneck", "ConvBNAct2d", "conv_bn_act_forward", "is_fusable"]
+__all__ = ["BasicBlock", "BatchNormAct2d", "Bottleneck", "ConvBNAct2d", "clear_fold_cache", "conv_bn_act_forward",
+           "fold_batch_norm", "is_foldable", "is_fusable"]

@@ -1,7 +1,10 @@
 """ResNet blocks with torchvision's constructors, attribute names and state-dict keys.
 
 Each convolution and the BatchNorm after it run as one ``resnet_fast::conv_bn_act`` call;
-the block's last one also takes the shortcut as its residual and applies the ReLU.
+the block's last one also takes the shortcut as its residual and applies the ReLU. In eval
+mode each pair is one ``resnet_fast::conv2d_bias_act`` with the BatchNorm folded into the
+convolution (cached; see :mod:`resnet_fast.nn.conv_bn_act`): one kernel per convolution,
+the last with the residual add and ReLU in its epilogue, the downsample without ReLU.
 """
 
 from __future__ import annotations
