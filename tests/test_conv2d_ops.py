@@ -13,7 +13,7 @@ from conftest import DTYPES, assert_close_to_reference, random_input, relu_with_
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
-from resnet_fast.nn import BasicBlock, Bottleneck, ConvBNAct2d
+from resnet_fast.nn import BasicBlock, Bottleneck, ConvBNAct2d, enable_fused_training
 from resnet_fast.nn import conv_bn_act as conv_bn_act_module
 from resnet_fast.nn.conv_bn_act import _FOLD_CACHE
 from resnet_fast.ops.conv2d_bias_act import conv2d_bias_act, conv2d_bias_act_op
@@ -313,3 +313,61 @@ def test_eval_blocks_run_one_conv2d_bias_act_per_conv(monkeypatch):
             torch.testing.assert_close(block(x), tv_block(x), rtol=1e-10, atol=1e-10)
         # downsample (no ReLU), the inner convs (ReLU), the last (residual + ReLU)
         assert calls == [(False, False)] + [(False, True)] * (convs - 1) + [(True, True)]
+
+
+# ----------------------------------------------------------------------------- fused training (opt-in)
+def _block_pair(tv_cls, ours_cls, stride: int, dtype=torch.float64, seed: int = 0):
+    """(torchvision block, our block around a copy of its modules with fused_training on)."""
+    torch.manual_seed(seed)
+    inplanes, planes = 8, 8 // tv_cls.expansion
+    downsample = None
+    if stride != 1 or inplanes != planes * tv_cls.expansion:
+        downsample = nn.Sequential(nn.Conv2d(inplanes, planes * tv_cls.expansion, 1, stride, bias=False),
+                                   nn.BatchNorm2d(planes * tv_cls.expansion))
+    tv_block = tv_cls(inplanes, planes, stride=stride, downsample=downsample)
+    for i, bn in enumerate(m for m in tv_block.modules() if isinstance(m, nn.BatchNorm2d)):
+        _randomise_batch_norm(bn, i)
+    tv_block.to(dtype).train()
+    block = ours_cls.from_torchvision(copy.deepcopy(tv_block)).train()
+    assert enable_fused_training(block) == 1
+    return tv_block, block
+
+
+def _train_step(block, x, grad):
+    x = x.detach().requires_grad_()
+    out = block(x)
+    out.backward(grad)
+    grads = {"input": x.grad, **{n: p.grad for n, p in block.named_parameters()}}
+    return out, grads
+
+
+@pytest.mark.parametrize("blocks", [(tv_resnet.Bottleneck, Bottleneck), (tv_resnet.BasicBlock, BasicBlock)],
+                         ids=["bottleneck", "basic"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_fused_training_block_matches_torchvision_in_float64(blocks, stride, monkeypatch):
+    """Output, every gradient (input, conv weights, BN weights and biases), running statistics
+    and num_batches_tracked of two training steps, against torchvision's block in float64;
+    the fused path is taken (conv_bn_act is never called)."""
+    monkeypatch.setattr(conv_bn_act_module, "conv_bn_act", None)  # calling it would fail
+    tv_block, block = _block_pair(*blocks, stride)
+    assert (block.downsample is None) == (stride == 1)  # the identity shortcut is covered too
+    g = torch.Generator().manual_seed(4)
+    for step in range(2):
+        x = torch.randn(3, 8, 6, 6, dtype=torch.float64, generator=g) * 2 + 0.5
+        grad = torch.randn(3, 8, 6 // stride, 6 // stride, dtype=torch.float64, generator=g)
+        block.zero_grad()
+        tv_block.zero_grad()
+        out, grads = _train_step(block, x, grad)
+        ref_out, ref_grads = _train_step(tv_block, x, grad)
+        torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+        for name, ref in ref_grads.items():
+            torch.testing.assert_close(grads[name], ref, rtol=1e-9, atol=1e-9, msg=f"step {step}: grad {name}")
+        for (name, buf), ref in zip(block.named_buffers(), tv_block.buffers()):
+            torch.testing.assert_close(buf, ref, rtol=1e-12, atol=1e-12, msg=f"step {step}: {name}")
+
+
+def test_fused_training_is_opt_in_and_not_in_the_state_dict():
+    tv_block, block = _block_pair(tv_resnet.Bottleneck, Bottleneck, 2)
+    assert Bottleneck.fused_training is False
+    assert set(block.state_dict()) == set(tv_block.state_dict())
+    assert enable_fused_training(block, False) == 1 and block.fused_training is False

@@ -1,7 +1,7 @@
 """Modules built on the ``resnet_fast`` operators, with torchvision's names and state dicts."""
 
 from resnet_fast.nn.batch_norm_act import BatchNormAct2d
-from resnet_fast.nn.blocks import BasicBlock, Bottleneck
+from resnet_fast.nn.blocks import BasicBlock, Bottleneck, enable_fused_training
 from resnet_fast.nn.conv_bn_act import (
     ConvBNAct2d,
     clear_fold_cache,
@@ -12,4 +12,4 @@ from resnet_fast.nn.conv_bn_act import (
 )
 
 __all__ = ["BasicBlock", "BatchNormAct2d", "Bottleneck", "ConvBNAct2d", "clear_fold_cache", "conv_bn_act_forward",
-           "fold_batch_norm", "is_foldable", "is_fusable"]
+           "enable_fused_training", "fold_batch_norm", "is_foldable", "is_fusable"]

@@ -31,7 +31,9 @@ import torch
 from torch import Tensor, nn
 
 from resnet_fast.nn.batch_norm_act import BatchNormAct2d, batch_norm_call_args
+from resnet_fast.ops.batch_norm_act import update_running_stats_after
 from resnet_fast.ops.conv2d_bias_act import conv2d_bias_act
+from resnet_fast.ops.conv2d_stats import conv2d_stats
 from resnet_fast.ops.conv_bn_act import conv_bn_act
 
 
@@ -176,6 +178,57 @@ def conv_bn_act_forward(
         padding=conv.padding, dilation=conv.dilation, groups=conv.groups, relu=relu,
         **batch_norm_call_args(bn),
     )
+
+
+def is_stats_fusable(conv: nn.Module, bn: nn.Module) -> bool:
+    """Whether ``bn(conv(x))`` can run as ``conv2d_stats`` + scale/shift in training: a
+    fusable pair (:func:`is_fusable`), groups=1, no conv bias, BatchNorm in training."""
+    return is_fusable(conv, bn) and conv.groups == 1 and conv.bias is None and bn.training
+
+
+def conv_stats_forward(
+    x: Tensor,
+    conv: nn.Conv2d,
+    bn: nn.BatchNorm2d,
+    prologue: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training conv + BatchNorm with the normalisation left to the consumer.
+
+    ``y = conv(relu(x * scale + shift))`` (the previous BatchNorm + ReLU applied in the
+    convolution's prologue when ``prologue = (scale, shift)``) by ``conv2d_stats``, whose
+    epilogue gives y's batch mean and variance; ``bn``'s running statistics are updated
+    from them as ``nn.BatchNorm2d`` does. Returns (y, scale, shift): ``bn`` in the form
+    ``bn(y) = y * scale + shift`` per channel (scale = gamma / sqrt(var + eps),
+    shift = beta - mean * scale, differentiable in gamma, beta and the statistics), for the
+    next convolution's prologue or a final elementwise step.
+    """
+    weight = conv.weight
+    dtype = _autocast_dtype(x)
+    if dtype is not None:
+        x, weight = x.to(dtype), weight.to(dtype)
+    scale, shift = prologue if prologue is not None else (None, None)
+    y, mean, var = conv2d_stats(x, weight, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                                prologue_scale=scale, prologue_shift=shift, prologue_relu=True)
+    args = batch_norm_call_args(bn)
+    update_running_stats_after(y, mean, var, args["running_mean"], args["running_var"],
+                               args["num_batches_tracked"], True, args["momentum"])
+    bn_scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        bn_scale = bn.weight.to(var.dtype) * bn_scale
+    bn_shift = -mean * bn_scale
+    if bn.bias is not None:
+        bn_shift = bn_shift + bn.bias.to(var.dtype)
+    return y, bn_scale, bn_shift
+
+
+def apply_scale_shift(y: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None = None,
+                      relu: bool = False) -> Tensor:
+    """``relu(y * scale + shift + residual)`` per channel (a BatchNorm in scale/shift form),
+    computed in the statistics dtype and returned in y's dtype."""
+    out = y.to(scale.dtype) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    if residual is not None:
+        out = out + residual.to(out.dtype)
+    return (torch.relu(out) if relu else out).to(y.dtype)
 
 
 class ConvBNAct2d(nn.Module):
