@@ -35,6 +35,8 @@ OPERATORS = {
     "batch_norm_act": "resnet_fast.kernels.batch_norm_act",
     "batch_norm_act_backward": "resnet_fast.kernels.batch_norm_act",
     "conv_bn_act": "resnet_fast.kernels.batch_norm_act",
+    "conv2d_bias_act": "resnet_fast.kernels.conv2d",
+    "conv2d_stats": "resnet_fast.kernels.conv2d",
 }
 # Operators whose Triton kernels use tl.dot (their module sets USES_TENSOR_CORES = True).
 TENSOR_CORE_OPERATORS: frozenset[str] = frozenset()

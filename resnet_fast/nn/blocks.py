@@ -1,7 +1,18 @@
 """ResNet blocks with torchvision's constructors, attribute names and state-dict keys.
 
 Each convolution and the BatchNorm after it run as one ``resnet_fast::conv_bn_act`` call;
-the block's last one also takes the shortcut as its residual and applies the ReLU.
+the block's last one also takes the shortcut as its residual and applies the ReLU. In eval
+mode each pair is one ``resnet_fast::conv2d_bias_act`` with the BatchNorm folded into the
+convolution (cached; see :mod:`resnet_fast.nn.conv_bn_act`): one kernel per convolution,
+the last with the residual add and ReLU in its epilogue, the downsample without ReLU.
+
+Opt-in training pattern (``block.fused_training = True``, or :func:`enable_fused_training`
+on a whole model): each convolution runs as ``resnet_fast::conv2d_stats``, whose epilogue
+gives its BatchNorm's batch statistics, and the next convolution applies that BatchNorm
+and the ReLU in its prologue, so the normalised activations inside the block are never
+written (nor saved: backward recomputes them). The last BatchNorm, the shortcut's and the
+residual add + ReLU run as one elementwise step in plain PyTorch. Blocks whose layers do
+not qualify (:func:`~resnet_fast.nn.conv_bn_act.is_stats_fusable`) run as before.
 """
 
 from __future__ import annotations
@@ -11,7 +22,13 @@ from typing import Callable
 from torch import Tensor, nn
 
 from resnet_fast.nn.batch_norm_act import BatchNormAct2d
-from resnet_fast.nn.conv_bn_act import conv_bn_act_forward, is_fusable
+from resnet_fast.nn.conv_bn_act import (
+    apply_scale_shift,
+    conv_bn_act_forward,
+    conv_stats_forward,
+    is_fusable,
+    is_stats_fusable,
+)
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -34,6 +51,40 @@ def shortcut_forward(downsample: nn.Module | None, x: Tensor) -> Tensor:
     return downsample(x)
 
 
+def _fused_training_shortcut(downsample: nn.Module | None) -> bool:
+    """Whether the shortcut is the identity or a (conv, BatchNorm) pair conv2d_stats can run."""
+    if downsample is None:
+        return True
+    return isinstance(downsample, nn.Sequential) and len(downsample) == 2 and is_stats_fusable(*downsample)
+
+
+def fused_training_forward(block: nn.Module, pairs: list[tuple[nn.Module, nn.Module]], x: Tensor) -> Tensor | None:
+    """The block as conv2d_stats calls chained through BatchNorm+ReLU prologues, or None
+    when ``block`` is not in training mode with ``fused_training`` set or a layer does not qualify."""
+    if not (block.training and getattr(block, "fused_training", False)):
+        return None
+    if not (all(is_stats_fusable(conv, bn) for conv, bn in pairs) and _fused_training_shortcut(block.downsample)):
+        return None
+    y, prologue = x, None
+    for conv, bn in pairs:
+        y, scale, shift = conv_stats_forward(y, conv, bn, prologue)
+        prologue = (scale, shift)
+    if block.downsample is None:
+        identity = x
+    else:
+        identity = apply_scale_shift(*conv_stats_forward(x, *block.downsample))
+    return apply_scale_shift(y, scale, shift, residual=identity, relu=True)
+
+
+def enable_fused_training(model: nn.Module, enabled: bool = True) -> int:
+    """Set ``fused_training`` on every :class:`BasicBlock` / :class:`Bottleneck` of ``model``;
+    returns how many blocks were set."""
+    blocks = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck))]
+    for block in blocks:
+        block.fused_training = enabled
+    return len(blocks)
+
+
 def _adopt_children(block: nn.Module, source: nn.Module) -> nn.Module:
     """Give ``block`` the children of ``source`` (shared, not copied) and its mode."""
     for name, child in source.named_children():
@@ -53,9 +104,14 @@ def _empty(cls: type[nn.Module]) -> nn.Module:
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with a shortcut: torchvision's ``BasicBlock``, fused."""
+    """Two 3x3 convolutions with a shortcut: torchvision's ``BasicBlock``, fused.
+
+    ``fused_training`` (default False; not in the state dict): train with the
+    statistics-epilogue / BatchNorm-prologue pattern (module docstring).
+    """
 
     expansion: int = 1
+    fused_training: bool = False
 
     def __init__(
         self,
@@ -88,15 +144,22 @@ class BasicBlock(nn.Module):
         return _adopt_children(_empty(cls), block)
 
     def forward(self, x: Tensor) -> Tensor:
+        fused = fused_training_forward(self, [(self.conv1, self.bn1), (self.conv2, self.bn2)], x)
+        if fused is not None:
+            return fused
         identity = shortcut_forward(self.downsample, x)
         out = conv_bn_act_forward(x, self.conv1, self.bn1, relu=True)
         return conv_bn_act_forward(out, self.conv2, self.bn2, residual=identity, relu=True)
 
 
 class Bottleneck(nn.Module):
-    """1x1, 3x3 (stride here, as torchvision v1.5), 1x1 convolutions with a shortcut, fused."""
+    """1x1, 3x3 (stride here, as torchvision v1.5), 1x1 convolutions with a shortcut, fused.
+
+    ``fused_training`` as :class:`BasicBlock`'s.
+    """
 
     expansion: int = 4
+    fused_training: bool = False
 
     def __init__(
         self,
@@ -128,6 +191,10 @@ class Bottleneck(nn.Module):
         return _adopt_children(_empty(cls), block)
 
     def forward(self, x: Tensor) -> Tensor:
+        fused = fused_training_forward(
+            self, [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)], x)
+        if fused is not None:
+            return fused
         identity = shortcut_forward(self.downsample, x)
         out = conv_bn_act_forward(x, self.conv1, self.bn1, relu=True)
         out = conv_bn_act_forward(out, self.conv2, self.bn2, relu=True)

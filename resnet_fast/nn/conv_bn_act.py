@@ -1,11 +1,39 @@
-"""Convolution + BatchNorm (+ residual) (+ ReLU): the function the blocks call, and a module."""
+"""Convolution + BatchNorm (+ residual) (+ ReLU): the function the blocks call, and a module.
+
+Training (and any BatchNorm that normalises with batch statistics) runs
+``resnet_fast::conv_bn_act``. In evaluation with running statistics the BatchNorm is
+folded into the convolution, per output channel c (s = gamma / sqrt(running_var + eps)):
+
+    w'[c] = w[c] * s[c],    b'[c] = beta[c] + (b[c] - running_mean[c]) * s[c]
+
+and the layer is one ``resnet_fast::conv2d_bias_act`` call (bias, residual and ReLU in
+the convolution's epilogue: one kernel in the ``triton`` backend). The fold is computed
+in float32 (float64 for float64 parameters); w' is stored in the convolution's dtype
+(the autocast dtype under autocast), b' stays in float32.
+
+Fold cache: without autograd (``torch.no_grad``/``inference_mode``, or no parameter
+requiring grad) the folded (w', b') of each convolution is cached outside the modules
+(so never in a state dict) and recomputed when any of conv weight/bias, BN weight/bias,
+running_mean/running_var is replaced (identity, e.g. ``.to(dtype)``) or modified in
+place (its ``_version``: optimizer steps, ``load_state_dict``, training-mode statistics
+updates), or when eps, the dtype, device or memory format asked for changes. Changes
+made through ``tensor.data`` bypass version counting: call :func:`clear_fold_cache`
+after them. With autograd on, or under torch.compile (which traces the fold as part of
+the graph), the fold is recomputed on each call, differentiably.
+"""
 
 from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from resnet_fast.nn.batch_norm_act import BatchNormAct2d, batch_norm_call_args
+from resnet_fast.ops.batch_norm_act import update_running_stats_after
+from resnet_fast.ops.conv2d_bias_act import conv2d_bias_act
+from resnet_fast.ops.conv2d_stats import conv2d_stats
 from resnet_fast.ops.conv_bn_act import conv_bn_act
 
 
@@ -34,6 +62,90 @@ def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     return None
 
 
+def fold_batch_norm(
+    conv_weight: Tensor,
+    conv_bias: Tensor | None,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    dtype: torch.dtype,
+    memory_format: torch.memory_format = torch.channels_last,
+) -> tuple[Tensor, Tensor]:
+    """Eval-mode BatchNorm folded into the preceding convolution: (w', b').
+
+    ``w' = w * s`` per output channel and ``b' = beta + (b - running_mean) * s`` with
+    ``s = gamma / sqrt(running_var + eps)`` (gamma = 1, beta = 0 without affine
+    parameters), computed in float32 (float64 when ``dtype`` or the statistics are
+    float64). w' is returned in ``dtype`` and ``memory_format``, b' in the computation dtype.
+    """
+    acc = torch.float64 if torch.float64 in (dtype, running_var.dtype, conv_weight.dtype) else torch.float32
+    scale = torch.rsqrt(running_var.to(acc) + eps)
+    if bn_weight is not None:
+        scale = bn_weight.to(acc) * scale
+    weight = (conv_weight.to(acc) * scale.view(-1, 1, 1, 1)).to(dtype).contiguous(memory_format=memory_format)
+    centred = -running_mean.to(acc) if conv_bias is None else conv_bias.to(acc) - running_mean.to(acc)
+    bias = centred * scale
+    if bn_bias is not None:
+        bias = bias + bn_bias.to(acc)
+    return weight, bias
+
+
+@dataclass
+class _Fold:
+    """A cached fold and what it was computed from (weak references: no memory kept alive)."""
+
+    sources: tuple[weakref.ref | None, ...]
+    versions: tuple[int, ...]
+    settings: tuple
+    weight: Tensor
+    bias: Tensor
+
+    def matches(self, tensors: tuple[Tensor | None, ...], settings: tuple) -> bool:
+        if settings != self.settings:
+            return False
+        for ref, version, t in zip(self.sources, self.versions, tensors):
+            if (ref is None) != (t is None) or (t is not None and (ref() is not t or t._version != version)):
+                return False
+        return True
+
+
+_FOLD_CACHE: "weakref.WeakKeyDictionary[nn.Module, _Fold]" = weakref.WeakKeyDictionary()
+
+
+def clear_fold_cache() -> None:
+    """Forget every cached BatchNorm fold (needed only after changes made through ``.data``)."""
+    _FOLD_CACHE.clear()
+
+
+def is_foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    """Whether ``bn(conv(x))`` runs as a folded ``conv2d_bias_act``: a fusable pair
+    (:func:`is_fusable`) with groups=1, the BatchNorm in eval mode with running statistics."""
+    return (is_fusable(conv, bn) and conv.groups == 1 and not bn.training
+            and bn.running_mean is not None and bn.running_var is not None)
+
+
+def folded_weight_and_bias(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype,
+                           memory_format: torch.memory_format) -> tuple[Tensor, Tensor]:
+    """(w', b') of :func:`fold_batch_norm` for these modules, cached when autograd is off."""
+    tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    args = (*tensors, bn.eps, dtype, memory_format)
+    params = (conv.weight, conv.bias, bn.weight, bn.bias)
+    if torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)):
+        return fold_batch_norm(*args)
+    settings = (bn.eps, dtype, memory_format, conv.weight.device)
+    cached = _FOLD_CACHE.get(conv)
+    if cached is None or not cached.matches(tensors, settings):
+        with torch.no_grad():
+            weight, bias = fold_batch_norm(*args)
+        cached = _Fold(tuple(None if t is None else weakref.ref(t) for t in tensors),
+                       tuple(0 if t is None else t._version for t in tensors), settings, weight, bias)
+        _FOLD_CACHE[conv] = cached
+    return cached.weight, cached.bias
+
+
 def conv_bn_act_forward(
     x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Tensor | None = None, relu: bool = True
 ) -> Tensor:
@@ -42,7 +154,8 @@ def conv_bn_act_forward(
     The activation comes from ``relu``; a :class:`BatchNormAct2d`'s own ``relu`` flag is
     not consulted on the fused path. Under ``torch.autocast`` the convolution's input and
     weight are cast to the autocast dtype, as autocast does for ``F.conv2d``; the
-    BatchNorm parameters and statistics stay in their own dtype.
+    BatchNorm parameters and statistics stay in their own dtype. In eval mode the
+    BatchNorm is folded into the convolution (:func:`is_foldable`, module docstring).
     """
     if not is_fusable(conv, bn):
         if isinstance(bn, BatchNormAct2d):  # e.g. SyncBatchNormAct2d: still fuses add and ReLU
@@ -51,8 +164,16 @@ def conv_bn_act_forward(
         if residual is not None:
             out = out + residual
         return torch.relu(out) if relu else out
-    weight, bias = conv.weight, conv.bias
     dtype = _autocast_dtype(x)
+    if is_foldable(conv, bn):
+        if dtype is not None:
+            x = x.to(dtype)
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        # without autocast w' keeps the conv weight's dtype: a mismatched input is refused, as by F.conv2d
+        weight, bias = folded_weight_and_bias(conv, bn, dtype or conv.weight.dtype, fmt)
+        return conv2d_bias_act(x, weight, bias, residual, stride=conv.stride, padding=conv.padding,
+                               dilation=conv.dilation, relu=relu)
+    weight, bias = conv.weight, conv.bias
     if dtype is not None:
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
@@ -61,6 +182,57 @@ def conv_bn_act_forward(
         padding=conv.padding, dilation=conv.dilation, groups=conv.groups, relu=relu,
         **batch_norm_call_args(bn),
     )
+
+
+def is_stats_fusable(conv: nn.Module, bn: nn.Module) -> bool:
+    """Whether ``bn(conv(x))`` can run as ``conv2d_stats`` + scale/shift in training: a
+    fusable pair (:func:`is_fusable`), groups=1, no conv bias, BatchNorm in training."""
+    return is_fusable(conv, bn) and conv.groups == 1 and conv.bias is None and bn.training
+
+
+def conv_stats_forward(
+    x: Tensor,
+    conv: nn.Conv2d,
+    bn: nn.BatchNorm2d,
+    prologue: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training conv + BatchNorm with the normalisation left to the consumer.
+
+    ``y = conv(relu(x * scale + shift))`` (the previous BatchNorm + ReLU applied in the
+    convolution's prologue when ``prologue = (scale, shift)``) by ``conv2d_stats``, whose
+    epilogue gives y's batch mean and variance; ``bn``'s running statistics are updated
+    from them as ``nn.BatchNorm2d`` does. Returns (y, scale, shift): ``bn`` in the form
+    ``bn(y) = y * scale + shift`` per channel (scale = gamma / sqrt(var + eps),
+    shift = beta - mean * scale, differentiable in gamma, beta and the statistics), for the
+    next convolution's prologue or a final elementwise step.
+    """
+    weight = conv.weight
+    dtype = _autocast_dtype(x)
+    if dtype is not None:
+        x, weight = x.to(dtype), weight.to(dtype)
+    scale, shift = prologue if prologue is not None else (None, None)
+    y, mean, var = conv2d_stats(x, weight, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                                prologue_scale=scale, prologue_shift=shift, prologue_relu=True)
+    args = batch_norm_call_args(bn)
+    update_running_stats_after(y, mean, var, args["running_mean"], args["running_var"],
+                               args["num_batches_tracked"], True, args["momentum"])
+    bn_scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        bn_scale = bn.weight.to(var.dtype) * bn_scale
+    bn_shift = -mean * bn_scale
+    if bn.bias is not None:
+        bn_shift = bn_shift + bn.bias.to(var.dtype)
+    return y, bn_scale, bn_shift
+
+
+def apply_scale_shift(y: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None = None,
+                      relu: bool = False) -> Tensor:
+    """``relu(y * scale + shift + residual)`` per channel (a BatchNorm in scale/shift form),
+    computed in the statistics dtype and returned in y's dtype."""
+    out = y.to(scale.dtype) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    if residual is not None:
+        out = out + residual.to(out.dtype)
+    return (torch.relu(out) if relu else out).to(y.dtype)
 
 
 class ConvBNAct2d(nn.Module):

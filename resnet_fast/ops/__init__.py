@@ -9,6 +9,8 @@ from resnet_fast._extension import extension_load_error
 from resnet_fast.ops import batch_norm_act_stages, reference  # noqa: F401  register the cuda and torch backends' kernels
 from resnet_fast.ops.batch_norm_act import batch_norm_act
 from resnet_fast.ops.batch_norm_stats import batch_norm_stats
+from resnet_fast.ops.conv2d_bias_act import conv2d_bias_act
+from resnet_fast.ops.conv2d_stats import conv2d_stats
 from resnet_fast.ops.conv_bn_act import conv_bn_act
 from resnet_fast.ops.dispatch import (
     BackendUnavailableError,
@@ -25,6 +27,8 @@ __all__ = [
     "backend_info",
     "batch_norm_act",
     "batch_norm_stats",
+    "conv2d_bias_act",
+    "conv2d_stats",
     "conv_bn_act",
     "get_backend",
     "reference",

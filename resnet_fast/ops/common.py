@@ -152,31 +152,35 @@ def check_conv_args(
     padding: Sequence[int],
     dilation: Sequence[int],
     groups: int,
+    weight_name: str = "conv_weight",
 ) -> tuple[int, int, int, int]:
-    """Check the convolution's arguments; return its output shape."""
+    """Check the convolution's arguments; return its output shape.
+
+    ``weight_name`` is what the errors call ``conv_weight``.
+    """
     check_input_4d("input", x)
-    check_float_tensor("conv_weight", conv_weight)
+    check_float_tensor(weight_name, conv_weight)
     if conv_weight.dim() != 4:
-        raise ValueError(f"conv_weight must be 4-D (C_out, C_in/groups, kH, kW), got {tuple(conv_weight.shape)}")
+        raise ValueError(f"{weight_name} must be 4-D (C_out, C_in/groups, kH, kW), got {tuple(conv_weight.shape)}")
     for name, values in (("stride", stride), ("padding", padding), ("dilation", dilation)):
         if len(values) != 2:
             raise ValueError(f"{name} must have two values (height, width), got {list(values)}")
     if any(s < 1 for s in stride) or any(d < 1 for d in dilation) or any(p < 0 for p in padding):
         raise ValueError(f"invalid stride {list(stride)}, padding {list(padding)} or dilation {list(dilation)}")
     if groups < 1 or conv_weight.shape[0] % groups:
-        raise ValueError(f"groups={groups} must be positive and divide conv_weight's {conv_weight.shape[0]} output channels")
+        raise ValueError(f"groups={groups} must be positive and divide {weight_name}'s {conv_weight.shape[0]} output channels")
     if x.shape[1] != conv_weight.shape[1] * groups:
         raise ValueError(
-            f"input has {x.shape[1]} channels but conv_weight expects "
+            f"input has {x.shape[1]} channels but {weight_name} expects "
             f"{conv_weight.shape[1] * groups} (shape {tuple(conv_weight.shape)}, groups={groups})"
         )
     if conv_weight.dtype != x.dtype:
         raise TypeError(
-            f"input is {x.dtype} but conv_weight is {conv_weight.dtype}; they must match "
+            f"input is {x.dtype} but {weight_name} is {conv_weight.dtype}; they must match "
             "(under torch.autocast the resnet_fast modules cast both)"
         )
     check_per_channel("conv_bias", conv_bias, conv_weight.shape[0])
     if conv_bias is not None and conv_bias.dtype != x.dtype:
         raise TypeError(f"input is {x.dtype} but conv_bias is {conv_bias.dtype}; they must match")
-    check_same_device(x, conv_weight=conv_weight, conv_bias=conv_bias)
+    check_same_device(x, **{weight_name: conv_weight}, conv_bias=conv_bias)
     return conv_output_shape(x, conv_weight, stride, padding, dilation)

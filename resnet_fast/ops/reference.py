@@ -160,3 +160,55 @@ def conv_bn_act(
     out, mean, var = batch_norm_act(conv_out, weight, bias, residual, running_mean, running_var,
                                     training, eps, relu)
     return out, conv_out, mean, var
+
+
+def prologue_activation(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, relu: bool) -> torch.Tensor:
+    """``relu(x * scale + shift)`` per channel (a BatchNorm in scale/shift form, + ReLU),
+    computed in the accumulation dtype and returned in ``x``'s dtype."""
+    acc = accumulation_dtype(x.dtype)
+    a = x.to(acc) * _per_channel(scale.to(acc)) + _per_channel(shift.to(acc))
+    return (torch.relu(a) if relu else a).to(x.dtype)
+
+
+@register_kernel("torch", "conv2d_bias_act")
+def conv2d_bias_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    relu: bool,
+) -> torch.Tensor:
+    """``relu(conv2d(x, weight) + bias + residual)``; the additions in the accumulation dtype."""
+    acc = accumulation_dtype(x.dtype)
+    y = F.conv2d(x, weight, None, stride, padding, dilation).to(acc)
+    if bias is not None:
+        y = y + _per_channel(bias.to(acc))
+    if residual is not None:
+        y = y + residual.to(acc)
+    if relu:
+        y = torch.relu(y)
+    return y.to(x.dtype).contiguous(memory_format=output_memory_format(x))
+
+
+@register_kernel("torch", "conv2d_stats")
+def conv2d_stats(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    prologue_scale: torch.Tensor | None,
+    prologue_shift: torch.Tensor | None,
+    prologue_relu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``y = conv2d(prologue(x), weight)`` and y's per-channel mean and biased variance."""
+    if prologue_scale is not None:
+        x_act = prologue_activation(x, prologue_scale, prologue_shift, prologue_relu)
+    else:
+        x_act = x
+    y = F.conv2d(x_act, weight, None, stride, padding, dilation).contiguous(memory_format=output_memory_format(x))
+    mean, var = batch_norm_stats(y)
+    return y, mean, var

@@ -1,0 +1,162 @@
+"""``resnet_fast::conv2d_stats`` — convolution with BatchNorm prologue and statistics epilogue.
+
+The training pattern of NVIDIA's MLPerf ResNet-50:
+
+    a    = relu(input * prologue_scale + prologue_shift)   per input channel (optional)
+    out  = conv2d(a, weight)                                groups=1, zero padding
+    mean = mean(out), var = mean((out - mean)^2)            per output channel, float32
+
+``input`` is the previous convolution's raw output and (scale, shift) its BatchNorm in
+scale/shift form (scale = gamma / sqrt(var + eps), shift = beta - mean * scale, built by
+the caller from this op's statistics, so autograd reaches gamma, beta and the
+statistics). Padding is applied to ``a``: padded positions are zero after the
+activation. ``a`` is never materialised by the ``triton`` backend (it is computed while
+loading input tiles) and never saved for backward (recomputed there). ``mean`` and
+``var`` (biased) are float32 (float64 for float64 input) and come from the convolution
+kernel's epilogue in the ``triton`` backend, from the float32 accumulator; ``out`` has
+the input's dtype and memory format.
+
+Backward (``g`` the gradients of out, mean, var; M = N*P*Q):
+
+    grad_out_total = g_out + g_mean / M + g_var * 2 (out - mean) / M
+    grad_a, grad_weight = convolution_backward(grad_out_total, a, weight)   (a recomputed)
+    g' = grad_a * (x * scale + shift > 0)                                   (ReLU mask)
+    grad_input = g' * scale, grad_scale = sum(g' * x), grad_shift = sum(g')
+
+Double backward is not supported.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from resnet_fast.ops.common import (
+    accumulation_dtype,
+    check_conv_args,
+    check_per_channel,
+    check_same_device,
+    output_memory_format,
+)
+from resnet_fast.ops.dispatch import select_kernel
+from resnet_fast.ops.reference import prologue_activation
+
+_CHANNEL_DIMS = (0, 2, 3)
+
+
+def _check(input, weight, stride, padding, dilation, prologue_scale, prologue_shift):
+    out_shape = check_conv_args(input, weight, None, stride, padding, dilation, 1, weight_name="weight")
+    if (prologue_scale is None) != (prologue_shift is None):
+        raise ValueError("prologue_scale and prologue_shift must both be given or both be None")
+    check_per_channel("prologue_scale", prologue_scale, input.shape[1])
+    check_per_channel("prologue_shift", prologue_shift, input.shape[1])
+    check_same_device(input, prologue_scale=prologue_scale, prologue_shift=prologue_shift)
+    if out_shape[0] * out_shape[2] * out_shape[3] <= 1:
+        raise ValueError(f"Expected more than 1 value per channel for the statistics, got a convolution "
+                         f"output of size {tuple(out_shape)}")
+    return out_shape
+
+
+@torch.library.custom_op("resnet_fast::conv2d_stats", mutates_args=())
+def conv2d_stats_op(
+    input: Tensor,
+    weight: Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    prologue_scale: Optional[Tensor],
+    prologue_shift: Optional[Tensor],
+    prologue_relu: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (out, mean, var): the convolution of the activated input and its statistics."""
+    _check(input, weight, stride, padding, dilation, prologue_scale, prologue_shift)
+    kernel = select_kernel("conv2d_stats", input)
+    return kernel(input, weight, stride, padding, dilation, prologue_scale, prologue_shift, prologue_relu)
+
+
+@conv2d_stats_op.register_fake
+def _(input, weight, stride, padding, dilation, prologue_scale, prologue_shift, prologue_relu):
+    out_shape = _check(input, weight, stride, padding, dilation, prologue_scale, prologue_shift)
+    out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=output_memory_format(input))
+    stats_dtype = accumulation_dtype(input.dtype)
+    return out, input.new_empty(out_shape[1], dtype=stats_dtype), input.new_empty(out_shape[1], dtype=stats_dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, stride, padding, dilation, prologue_scale, prologue_shift, prologue_relu = inputs
+    out, mean, _var = output
+    ctx.save_for_backward(input, weight, prologue_scale, prologue_shift, out, mean)
+    ctx.conv_args = (stride, padding, dilation)
+    ctx.prologue_relu = prologue_relu
+
+
+def _per_channel(t: Tensor) -> Tensor:
+    return t.view(1, -1, 1, 1)
+
+
+def _backward(ctx, grad_out, grad_mean, grad_var):
+    input, weight, scale, shift, out, mean = ctx.saved_tensors
+    need_input, need_weight = ctx.needs_input_grad[:2]
+    need_scale, need_shift = ctx.needs_input_grad[5:7]
+    acc = mean.dtype
+    count = out.numel() // out.shape[1]
+    # d mean / d out = 1 / M, d var / d out = 2 (out - mean) / M
+    grad = torch.zeros_like(out, dtype=acc) if grad_out is None else grad_out.to(acc)
+    if grad_mean is not None:
+        grad = grad + _per_channel(grad_mean.to(acc) / count)
+    if grad_var is not None:
+        grad = grad + _per_channel(2 * grad_var.to(acc) / count) * (out.to(acc) - _per_channel(mean))
+    has_prologue = scale is not None
+    x_act = prologue_activation(input, scale, shift, ctx.prologue_relu) if has_prologue else input
+    need_act = need_input or (has_prologue and (need_scale or need_shift))
+    stride, padding, dilation = ctx.conv_args
+    grad_act, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad.to(input.dtype), x_act, weight, None, stride, padding, dilation, False, [0, 0], 1,
+        [need_act, need_weight, False])
+    grad_input = grad_scale = grad_shift = None
+    if need_act and not has_prologue:
+        grad_input = grad_act
+    elif need_act:
+        g = grad_act.to(acc)
+        if ctx.prologue_relu:
+            # the ReLU mask of x * scale + shift, recomputed in the accumulation dtype
+            pre = input.to(acc) * _per_channel(scale.to(acc)) + _per_channel(shift.to(acc))
+            g = g.masked_fill(pre <= 0, 0)
+        if need_input:
+            grad_input = (g * _per_channel(scale.to(acc))).to(input.dtype).contiguous(
+                memory_format=output_memory_format(input))
+        if need_scale:
+            grad_scale = (g * input.to(acc)).sum(_CHANNEL_DIMS).to(scale.dtype)
+        if need_shift:
+            grad_shift = g.sum(_CHANNEL_DIMS).to(shift.dtype)
+    return grad_input, grad_weight, None, None, None, grad_scale, grad_shift, None
+
+
+conv2d_stats_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _pair(value: int | tuple[int, int] | list[int]) -> list[int]:
+    return [value, value] if isinstance(value, int) else [int(v) for v in value]
+
+
+def conv2d_stats(
+    input: Tensor,
+    weight: Tensor,
+    *,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    prologue_scale: Tensor | None = None,
+    prologue_shift: Tensor | None = None,
+    prologue_relu: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``out = F.conv2d(relu(input * prologue_scale + prologue_shift), weight, ...)`` and
+    out's per-channel mean and biased variance: (out, mean, var).
+
+    Without ``prologue_scale``/``prologue_shift`` the input is used as it is (and
+    ``prologue_relu`` is ignored).
+    """
+    return conv2d_stats_op(input, weight, _pair(stride), _pair(padding), _pair(dilation),
+                           prologue_scale, prologue_shift, prologue_relu)

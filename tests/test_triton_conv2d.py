@@ -1,0 +1,351 @@
+"""The Triton implicit-GEMM convolution (``resnet_fast/kernels/conv2d.py``) against float64 torch.
+
+As in ``test_triton_batch_norm_act.py``: without a GPU the kernels run in Triton's CPU
+interpreter, in a fresh process started with ``TRITON_INTERPRET=1``
+(:func:`test_interpreter_run` runs this file there with ``-k cpu``); the ``cuda``
+parameters are ``gpu``-marked. The interpreter has no bf16 arithmetic: CPU runs test
+float32 and float16 on tiny shapes with 16-wide tiles, so that every M, C_out and C_in
+tail and several K steps per filter tap are exercised. Every tensor the launchers
+allocate is poisoned with NaN first.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close_to_reference, random_input, relu_with_mask_of, requires_gpu
+
+import resnet_fast
+from resnet_fast.ops import dispatch, reference
+from resnet_fast.ops.conv2d_stats import conv2d_stats
+
+KERNEL_MODULE = "resnet_fast.kernels.conv2d"
+ON_GPU = torch.cuda.is_available()
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+in_interpreter_process = pytest.mark.skipif(
+    not INTERPRETER, reason="runs in a fresh TRITON_INTERPRET=1 process (test_interpreter_run)")
+DEVICES = [pytest.param("cpu", marks=in_interpreter_process),
+           pytest.param("cuda", marks=[pytest.mark.gpu, requires_gpu])]
+SMALL_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
+
+# (C_in, C_out, kernel, stride, padding, H): every ResNet convolution kind, tiny; channel
+# counts off the 16-wide tiles (the stem's 49 taps cost the interpreter most: one C_out
+# tile there), C_in > 16 so a filter tap takes two K steps, M = N*P*Q tails.
+CONVS = {
+    "stem7x7s2": (3, 16, 7, 2, 3, 5),
+    "3x3s1": (20, 17, 3, 1, 1, 3),
+    "3x3s2": (20, 24, 3, 2, 1, 7),
+    "1x1s1": (24, 33, 1, 1, 0, 5),
+    "1x1s2": (18, 20, 1, 2, 0, 7),
+}
+BATCH = 2
+
+
+def _dtypes(device: str) -> list[torch.dtype]:
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
+
+
+def _interpreter_skips(device: str, dtype: torch.dtype, channels_last: bool, variant: str, full: str,
+                       float16: tuple[str, ...]) -> None:
+    """Keep the interpreter run short: NHWC float32 runs every variant, float16 ``float16``
+    ones, NCHW only float32 with the ``full`` variant. The GPU runs everything."""
+    if dtype not in _dtypes(device):
+        pytest.skip("no bf16 arithmetic in the Triton interpreter")
+    if device != "cpu":
+        return
+    if not channels_last and (dtype != torch.float32 or variant != full):
+        pytest.skip(f"interpreter time: NCHW runs float32 with {full}")
+    if dtype == torch.float16 and variant not in float16:
+        pytest.skip(f"interpreter time: float16 runs {', '.join(float16)}")
+
+
+@pytest.mark.skipif(INTERPRETER, reason="this is the interpreter process")
+@pytest.mark.skipif(ON_GPU, reason="with a GPU the kernels are tested on it")
+def test_interpreter_run():
+    """Every ``cpu`` test of this file, in a fresh process with TRITON_INTERPRET=1."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-k", "cpu", "-m", "not gpu",
+         "-p", "no:cacheprovider", "-rf", "--no-header"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    passed = int(summary.split(" passed")[0].split()[-1])
+    assert passed >= 60 and "failed" not in summary, summary
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    module = importlib.import_module(KERNEL_MODULE)
+    if INTERPRETER and not module.INTERPRETED:
+        pytest.fail(f"{KERNEL_MODULE}'s kernels are not interpreted although TRITON_INTERPRET=1")
+    return module
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(kernels, monkeypatch):
+    """Select the triton backend, poison every allocation, and use 16-wide tiles when interpreted."""
+    def poisoned_empty(*args, **kwargs):
+        t = torch.empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(kernels, "_empty", poisoned_empty)
+    monkeypatch.setattr(kernels, "INTERPRETER_BLOCKS", SMALL_BLOCKS)
+    before = resnet_fast.get_backend()
+    resnet_fast.set_backend("triton")
+    yield
+    resnet_fast.set_backend(before)
+
+
+def _conv_inputs(conv: str, dtype, channels_last: bool, device: str, seed: int = 0, batch: int = BATCH):
+    cin, cout, k, s, p, h = CONVS[conv]
+    g = torch.Generator().manual_seed(seed)
+    x = random_input((batch, cin, h, h), dtype, channels_last, generator=g, device=device)
+    w = random_input((cout, cin, k, k), dtype, channels_last, scale=(cin * k * k) ** -0.5, generator=g,
+                     device=device)
+    out_hw = (h + 2 * p - k) // s + 1
+    return x, w, [s, s], [p, p], (batch, cout, out_hw, out_hw), g
+
+
+# ----------------------------------------------------------------------------- inference
+EPILOGUES = {"bias-res-relu": (True, True, True), "bias-relu": (True, False, True), "plain": (False, False, False),
+             "res": (False, True, False)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("epilogue", list(EPILOGUES))
+@pytest.mark.parametrize("conv", list(CONVS))
+def test_conv2d_bias_act_matches_float64_reference(conv, epilogue, dtype, channels_last, device):
+    """relu(conv2d(x, w) + bias + residual) against float64, for every conv kind and epilogue."""
+    _interpreter_skips(device, dtype, channels_last, epilogue, "bias-res-relu", ("bias-res-relu", "plain"))
+    has_bias, has_res, relu = EPILOGUES[epilogue]
+    x, w, stride, padding, out_shape, g = _conv_inputs(conv, dtype, channels_last, device)
+    bias = torch.randn(out_shape[1], generator=g).to(device) if has_bias else None  # float32, as the fold
+    res = random_input(out_shape, dtype, channels_last, generator=g, device=device) if has_res else None
+    args = (stride, padding, [1, 1], relu)
+    out = dispatch.select_kernel("conv2d_bias_act", x)(x, w, bias, res, *args)
+    same = reference.conv2d_bias_act(x, w, bias, res, *args)
+    pre = reference.conv2d_bias_act(x.double(), w.double(), None if bias is None else bias.double(),
+                                    None if res is None else res.double(), *args[:3], False)
+    ref = relu_with_mask_of(pre, out) if relu else pre
+    assert out.dtype == dtype and out.shape == out_shape
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert_close_to_reference(out, ref, same, "output")
+
+
+# ----------------------------------------------------------------------------- training
+PROLOGUES = {"none": (False, False), "scale-shift-relu": (True, True), "scale-shift": (True, False)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("prologue", list(PROLOGUES))
+@pytest.mark.parametrize("conv", list(CONVS))
+def test_conv2d_stats_matches_float64_reference(conv, prologue, dtype, channels_last, device):
+    """conv2d(relu(x * scale + shift), w) and its per-channel mean and variance against float64."""
+    _interpreter_skips(device, dtype, channels_last, prologue, "scale-shift-relu", ("scale-shift-relu", "none"))
+    has_prologue, prologue_relu = PROLOGUES[prologue]
+    x, w, stride, padding, out_shape, g = _conv_inputs(conv, dtype, channels_last, device, seed=1)
+    cin = x.shape[1]
+    scale = (torch.rand(cin, generator=g) + 0.5).to(device) if has_prologue else None
+    shift = torch.randn(cin, generator=g).to(device) if has_prologue else None
+    args = (stride, padding, [1, 1], scale, shift, prologue_relu)
+    out, mean, var = dispatch.select_kernel("conv2d_stats", x)(x, w, *args)
+    same = reference.conv2d_stats(x, w, *args)
+    ref = reference.conv2d_stats(x.double(), w.double(), *args[:3],
+                                 None if scale is None else scale.double(),
+                                 None if shift is None else shift.double(), prologue_relu)
+    assert out.shape == out_shape and mean.dtype == var.dtype == torch.float32
+    for name, ours, r, s in zip(("output", "mean", "var"), (out, mean, var), ref, same):
+        assert_close_to_reference(ours, r, s, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prologue_keeps_padding_zero(device):
+    """shift > 0 everywhere: a padded position activated would add weight * shift to the border."""
+    c = 4
+    x = torch.zeros(1, c, 3, 3, device=device).contiguous(memory_format=torch.channels_last)
+    w = torch.ones(1, c, 3, 3, device=device).contiguous(memory_format=torch.channels_last)
+    scale, shift = torch.ones(c, device=device), torch.full((c,), 2.0, device=device)
+    out, mean, var = dispatch.select_kernel("conv2d_stats", x)(x, w, [1, 1], [1, 1], [1, 1], scale, shift, True)
+    taps = torch.tensor([[4.0, 6.0, 4.0], [6.0, 9.0, 6.0], [4.0, 6.0, 4.0]], device=device)  # in-image taps
+    torch.testing.assert_close(out[0, 0], 2.0 * c * taps, rtol=0, atol=0)
+    torch.testing.assert_close(mean, (2.0 * c * taps).mean().view(1), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_statistics_of_offset_outputs_are_accurate(device):
+    """Outputs with mean about 300 standard deviations from zero: the variance stays at
+    float32 rounding (per-tile mean and M2 merged by Chan's formula, no sum-of-squares)."""
+    g = torch.Generator().manual_seed(3)
+    x = random_input((3, 8, 6, 6), torch.float32, True, shift=1000.0, generator=g, device=device)
+    w = (torch.rand(5, 8, 1, 1, generator=g) * 0.1 + 0.1).to(device).contiguous(memory_format=torch.channels_last)
+    out, mean, var = dispatch.select_kernel("conv2d_stats", x)(x, w, [1, 1], [0, 0], [1, 1], None, None, False)
+    ref_var, ref_mean = torch.var_mean(out.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients_through_the_triton_forward(device):
+    """conv2d_stats with the triton forward: every gradient against float64 autograd."""
+    g = torch.Generator().manual_seed(7)
+    x = random_input((2, 20, 5, 5), torch.float32, True, generator=g, device=device)
+    w = random_input((17, 20, 3, 3), torch.float32, True, scale=0.1, generator=g, device=device)
+    scale, shift = (torch.rand(20, generator=g) + 0.5).to(device), torch.randn(20, generator=g).to(device)
+    go, gm, gv = (torch.randn(t, generator=g).to(device) for t in ((2, 17, 5, 5), 17, 17))
+    leaves = [t.detach().requires_grad_() for t in (x, w, scale, shift)]
+    out, mean, var = conv2d_stats(leaves[0], leaves[1], padding=1, prologue_scale=leaves[2],
+                                  prologue_shift=leaves[3])
+    grads = torch.autograd.grad((out * go).sum() + (mean * gm).sum() + (var * gv).sum(), leaves)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, w, scale, shift)]
+    a = torch.relu(leaves64[0] * leaves64[2].view(1, -1, 1, 1) + leaves64[3].view(1, -1, 1, 1))
+    y = F.conv2d(a, leaves64[1], padding=1)
+    v, m = torch.var_mean(y, dim=(0, 2, 3), correction=0)
+    ref = torch.autograd.grad((y * go.double()).sum() + (m * gm.double()).sum() + (v * gv.double()).sum(),
+                              leaves64)
+    for name, ours, r in zip(("input", "weight", "scale", "shift"), grads, ref):
+        torch.testing.assert_close(ours.double(), r, rtol=1e-4, atol=1e-4, msg=name)
+
+
+# ----------------------------------------------------------------------------- the ops
+def _opcheck_utils(device: str) -> tuple[str, ...]:
+    """In the interpreter no kernel launch can be traced (see test_triton_batch_norm_act)."""
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    return utils if device == "cpu" else (*utils, "test_aot_dispatch_static", "test_aot_dispatch_dynamic")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_opcheck_triton_ops(kernels, channels_last, device):
+    x, w, stride, padding, out_shape, g = _conv_inputs("3x3s2", torch.float32, channels_last, device)
+    bias = torch.randn(out_shape[1], generator=g).to(device)
+    res = random_input(out_shape, torch.float32, channels_last, generator=g, device=device)
+    utils = _opcheck_utils(device)
+    torch.library.opcheck(kernels.triton_conv2d_bias_act, (x, w, bias, res, stride, padding, [1, 1], True),
+                          test_utils=utils)
+    scale, shift = torch.rand(x.shape[1]).to(device) + 0.5, torch.randn(x.shape[1]).to(device)
+    torch.library.opcheck(kernels.triton_conv2d_stats, (x, w, stride, padding, [1, 1], scale, shift, True),
+                          test_utils=utils)
+
+
+def test_launchers_are_registered(kernels):
+    for name in ("triton_conv2d_bias_act", "triton_conv2d_stats"):
+        assert hasattr(torch.ops.resnet_fast, name)
+        assert isinstance(getattr(kernels, name), torch._library.custom_ops.CustomOpDef)
+    for op in ("conv2d_bias_act", "conv2d_stats"):
+        assert dispatch.BACKENDS["triton"].kernels[op] is getattr(kernels, op)
+    assert kernels.USES_TENSOR_CORES is True
+
+
+def test_float64_is_refused_with_a_reason():
+    x = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    reasons = dispatch.BACKENDS["triton"].not_supported_reasons("conv2d_stats", x)
+    assert any("float64 input is not supported by the triton backend" in r for r in reasons)
+
+
+# ------------------------------------------------------------------ ahead-of-time compile
+AOT_TARGETS = ((90, "bf16"), (80, "bf16"), (75, "fp16"), (70, "fp16"))
+AOT_SCRIPT = textwrap.dedent("""
+    import sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from resnet_fast.kernels import conv2d as K
+
+    FLOAT32_POINTERS = {"bias_ptr", "scale_ptr", "shift_ptr", "ws_ptr"}
+    done = []
+    for arg in sys.argv[1:]:
+        cap, dtype = arg.split(":")
+        # every prologue and epilogue stage on at once: one compile covers all the code
+        flags = {"HAS_BIAS": True, "HAS_RESIDUAL": True, "RELU": True, "STATS": True, "PROLOGUE": True,
+                 "PROLOGUE_RELU": True, "INPUT_PRECISION": "ieee", "GROUP_M": K.GROUP_M}
+        config = K.CONFIGS[0].kwargs
+        sig, constexprs = {}, {}
+        for p in K._conv2d_kernel.params:
+            if p.is_constexpr:
+                sig[p.name] = "constexpr"
+                constexprs[p.name] = flags.get(p.name, config.get(p.name))
+            elif p.name.endswith("_ptr"):
+                sig[p.name] = "*fp32" if p.name in FLOAT32_POINTERS else "*" + dtype
+            else:
+                sig[p.name] = "i32"
+        compiled = triton.compile(ASTSource(fn=K._conv2d_kernel, signature=sig, constexprs=constexprs),
+                                  target=GPUTarget("cuda", int(cap), 32), options={"num_warps": 8})
+        assert f".target sm_{cap}" in compiled.asm["ptx"], cap
+        assert len(compiled.asm["cubin"]) > 1000, cap
+        if int(cap) >= 80:
+            assert "mma" in compiled.asm["ptx"], f"no tensor-core instruction for sm_{cap}"
+        done.append(f"conv2d@sm_{cap}")
+    print(len(done), " ".join(done))
+""")
+
+
+def test_kernel_compiles_ahead_of_time_for_gpu_targets(tmp_path):
+    """CPU-only proof that the kernel builds for sm_70/75/80/90 (tensor cores from sm_80)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    targets = [f"{cap}:{dtype}" for cap, dtype in AOT_TARGETS]
+    result = subprocess.run([sys.executable, "-c", AOT_SCRIPT, *targets], env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert int(result.stdout.split()[0]) == len(AOT_TARGETS), result.stdout
+
+
+# ----------------------------------------------------------------------------- GPU only
+RESNET50_CONVS = [  # (C_in, C_out, kernel, stride, padding, H) at batch 32
+    (3, 64, 7, 2, 3, 224), (64, 64, 1, 1, 0, 56), (64, 64, 3, 1, 1, 56), (256, 128, 1, 1, 0, 56),
+    (128, 128, 3, 2, 1, 56), (512, 1024, 1, 2, 0, 28), (512, 512, 3, 1, 1, 7), (512, 2048, 1, 1, 0, 7),
+]
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("conv", RESNET50_CONVS, ids=lambda c: f"{c[0]}-{c[1]}-k{c[2]}s{c[3]}-{c[5]}")
+def test_resnet50_layers_bf16_on_gpu(conv):
+    """Autotuned tiles on ResNet-50 layer shapes, bf16: both ops against float64."""
+    cin, cout, k, s, p, h = conv
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(32, cin, h, h, device="cuda", generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(cout, cin, k, k, device="cuda", generator=g) * (cin * k * k) ** -0.5).bfloat16()
+    w = w.contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(cout, device="cuda", generator=g)
+    res = torch.randn(32, cout, (h + 2 * p - k) // s + 1, (h + 2 * p - k) // s + 1, device="cuda",
+                      generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
+    args = ([s, s], [p, p], [1, 1])
+    out = dispatch.select_kernel("conv2d_bias_act", x)(x, w, bias, res, *args, True)
+    pre = reference.conv2d_bias_act(x.double(), w.double(), bias.double(), res.double(), *args, False)
+    same = reference.conv2d_bias_act(x, w, bias, res, *args, True)
+    assert_close_to_reference(out, relu_with_mask_of(pre, out), same, "output")
+    scale, shift = torch.rand(cin, device="cuda") + 0.5, torch.randn(cin, device="cuda")
+    ours = dispatch.select_kernel("conv2d_stats", x)(x, w, *args, scale, shift, True)
+    same = reference.conv2d_stats(x, w, *args, scale, shift, True)
+    ref = reference.conv2d_stats(x.double(), w.double(), *args, scale.double(), shift.double(), True)
+    for name, o, r, sm in zip(("output", "mean", "var"), ours, ref, same):
+        assert_close_to_reference(o, r, sm, name)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_activation_past_2_31_elements():
+    """A 1x1 convolution whose input and output pass 2^31 elements: the last image is right."""
+    if torch.cuda.mem_get_info()[0] < 24 * 2**30:
+        pytest.skip("needs about 24 GiB of free GPU memory")
+    x = torch.randn(2**31 // (64 * 128 * 128) + 1, 64, 128, 128, device="cuda", dtype=torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(64, 64, 1, 1, device="cuda") / 8).bfloat16().contiguous(memory_format=torch.channels_last)
+    out = dispatch.select_kernel("conv2d_bias_act", x)(x, w, None, None, [1, 1], [0, 0], [1, 1], False)
+    expected = F.conv2d(x[-1:].float(), w.float())
+    torch.testing.assert_close(out[-1:].float(), expected, rtol=2e-2, atol=2e-2)
