@@ -32,11 +32,18 @@ def resolve_device(requested: str | None, cuda_available: bool) -> str:
     return device
 
 
-def check_dtype_supported(device: str | torch.device, dtype: str) -> None:
-    """Refuse a dtype the device cannot compute in (bf16 on a GPU older than Ampere)."""
+def check_dtype_supported(device: str | torch.device, dtype: str, cuda_bf16: bool | None = None) -> None:
+    """Refuse a dtype the device cannot compute in (bf16 on a GPU older than Ampere).
+
+    ``cuda_bf16``: whether the GPU has bf16, when the caller knows; else torch is asked.
+    """
     device = torch.device(device)
-    if device.type == "cuda" and dtype == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        name = torch.cuda.get_device_name(device)
+    if device.type != "cuda" or dtype != "bf16":
+        return
+    if cuda_bf16 is None:
+        cuda_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    if not cuda_bf16:
+        name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else "this GPU"
         raise ConfigError(f"{name} has no bf16 support; use --dtype fp16 (with a GradScaler) or --dtype fp32")
 
 
