@@ -37,82 +37,40 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
-#include <array>
-#include <atomic>
 #include <cstdint>
 #include <limits>
 #include <tuple>
 
+#include "reduction.cuh"
+
 namespace resnet_fast {
 namespace {
 
-constexpr int kThreads = 256;  // every kernel here runs 1-D blocks of this many threads
-constexpr int kWarps = kThreads / 32;
-constexpr int kUnroll = 4;     // vector loads per chunk, per thread
-constexpr int kMaxSplits = 65535;  // gridDim.y limit
-
-// ---------------------------------------------------------------------------------------
-// Element types: what is loaded (raw bits for 16-bit types) and what is accumulated.
-
-template <typename scalar_t>
-struct Traits;
-
-template <>
-struct Traits<c10::Half> {
-  using raw_t = uint16_t;
-  using acc_t = float;
-  static __device__ __forceinline__ float to_acc(uint16_t bits) {
-    return __half2float(__ushort_as_half(bits));
-  }
-};
-
-template <>
-struct Traits<c10::BFloat16> {
-  using raw_t = uint16_t;
-  using acc_t = float;
-  // bf16 is the top half of a float32: widening is exact and needs no bf16 support.
-  static __device__ __forceinline__ float to_acc(uint16_t bits) {
-    return __uint_as_float(static_cast<unsigned int>(bits) << 16);
-  }
-};
-
-template <>
-struct Traits<float> {
-  using raw_t = float;
-  using acc_t = float;
-  static __device__ __forceinline__ float to_acc(float v) { return v; }
-};
-
-template <>
-struct Traits<double> {
-  using raw_t = double;
-  using acc_t = double;
-  static __device__ __forceinline__ double to_acc(double v) { return v; }
-};
-
-// Elements per 16-byte vector load.
-template <typename scalar_t>
-constexpr int vec_width() {
-  return static_cast<int>(16 / sizeof(scalar_t));
-}
-
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
+// kThreads, kUnroll, kMaxSplits, Traits, Pack, block_reduce and the work splits
+// (plan_nhwc, plan_nchw) come from reduction.cuh.
 
 // ---------------------------------------------------------------------------------------
 // Welford states and Chan's merge.
+
+template <typename acc_t>
+struct Welford;
+template <typename acc_t>
+__device__ __forceinline__ void merge(Welford<acc_t>& a, acc_t b_mean, acc_t b_m2, acc_t b_n);
 
 template <typename acc_t>
 struct Welford {
   acc_t mean;
   acc_t m2;
   acc_t n;  // count; float32 counts are exact to 2^24 per partial, ample per block
+
+  // The State interface of block_reduce (reduction.cuh).
+  using value_type = acc_t;
+  static constexpr int kFields = 3;
+  __device__ __forceinline__ acc_t& field(int k) { return k == 0 ? mean : (k == 1 ? m2 : n); }
+  __device__ __forceinline__ void combine(const Welford& o) { merge(*this, o.mean, o.m2, o.n); }
+  static __device__ __forceinline__ Welford identity() { return {acc_t(0), acc_t(0), acc_t(0)}; }
 };
 
 template <typename acc_t>
@@ -167,41 +125,6 @@ __device__ __forceinline__ void merge_chunk(Welford<acc_t>& s, const acc_t (&x)[
   s.mean += delta * w;
   s.m2 += chunk_m2 + delta * delta * s.n * w;
   s.n = n;
-}
-
-// Block-wide merge. Thread tid = ty * bx + tx holds a partial state for slot tx (bx is a
-// power of two, at most 32; bx = 1 merges everything). On return, threads tid < bx hold
-// their slot's total. `smem` holds 3 * kThreads values. Every thread must call this.
-template <typename acc_t>
-__device__ __forceinline__ void block_merge(Welford<acc_t>& s, int bx, acc_t* smem) {
-  const int tid = threadIdx.x;
-  const int lane = tid & 31;
-  const int warp = tid >> 5;
-  // Lanes l and l ^ off (off >= bx) own the same slot.
-  for (int off = 16; off >= bx; off >>= 1) {
-    const acc_t o_mean = __shfl_xor_sync(0xffffffffu, s.mean, off);
-    const acc_t o_m2 = __shfl_xor_sync(0xffffffffu, s.m2, off);
-    const acc_t o_n = __shfl_xor_sync(0xffffffffu, s.n, off);
-    merge(s, o_mean, o_m2, o_n);
-  }
-  // Now lanes < bx of each warp hold that warp's total for slot `lane`.
-  if (lane < bx) {
-    const int i = warp * bx + lane;
-    smem[i] = s.mean;
-    smem[kThreads + i] = s.m2;
-    smem[2 * kThreads + i] = s.n;
-  }
-  __syncthreads();
-  if (tid < bx) {
-    Welford<acc_t> total{acc_t(0), acc_t(0), acc_t(0)};
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const int i = w * bx + tid;
-      merge(total, smem[i], smem[kThreads + i], smem[2 * kThreads + i]);
-    }
-    s = total;
-  }
-  __syncthreads();  // smem may be reused right away
 }
 
 // Write a block's total for channel c: the result when the grid has one split, else a
@@ -278,7 +201,7 @@ __global__ void __launch_bounds__(kThreads) stats_nhwc_kernel(
 
 #pragma unroll
   for (int v = 0; v < V; ++v) {
-    block_merge(st[v], bx, smem);
+    block_reduce(st[v], bx, smem);
     if (threadIdx.x < bx && active && c0 + v < channels) {
       store(st[v], c0 + v, channels, mean, var, workspace);
     }
@@ -362,7 +285,7 @@ __global__ void __launch_bounds__(kThreads) stats_nchw_kernel(
     }
   }
 
-  block_merge(st, 1, smem);
+  block_reduce(st, 1, smem);
   if (threadIdx.x == 0) {
     store(st, c, channels, mean, var, workspace);
   }
@@ -383,7 +306,7 @@ __global__ void __launch_bounds__(kThreads) stats_finalize_kernel(
   for (int i = threadIdx.x; i < splits; i += kThreads) {
     merge(st, ws[i], ws[plane + i], ws[2 * plane + i]);
   }
-  block_merge(st, 1, smem);
+  block_reduce(st, 1, smem);
   if (threadIdx.x == 0) {
     mean[c] = st.mean;
     var[c] = st.m2 / st.n;
@@ -392,35 +315,6 @@ __global__ void __launch_bounds__(kThreads) stats_finalize_kernel(
 
 // ---------------------------------------------------------------------------------------
 // Host side.
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
-int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
-
-int next_pow2(int64_t v) {
-  int p = 1;
-  while (p < v && p < (1 << 30)) p <<= 1;
-  return p;
-}
-
-// Blocks that make one full wave on the device (cached per device; no synchronisation).
-int64_t wave_blocks(int device) {
-  constexpr int kMaxDevices = 128;
-  static std::array<std::atomic<int64_t>, kMaxDevices> cache{};
-  if (device >= 0 && device < kMaxDevices) {
-    const int64_t cached = cache[device].load(std::memory_order_relaxed);
-    if (cached > 0) return cached;
-  }
-  int sms = 0;
-  int threads_per_sm = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device));
-  const int64_t blocks = static_cast<int64_t>(sms) * std::max(1, threads_per_sm / kThreads);
-  if (device >= 0 && device < kMaxDevices) cache[device].store(blocks, std::memory_order_relaxed);
-  return blocks;
-}
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <typename scalar_t>
 void launch_stats(const at::Tensor& x, bool channels_last, at::Tensor& mean, at::Tensor& var,
@@ -447,75 +341,32 @@ void launch_stats(const at::Tensor& x, bool channels_last, at::Tensor& mean, at:
   if (channels_last) {
     const int64_t rows = batch * hw;
     const bool vec = channels % V == 0 && aligned16(data);
-    const int width = vec ? V : 1;
-    const int64_t groups = channels / width;
-    const int bx = static_cast<int>(std::min<int64_t>(32, next_pow2(groups)));
-    const int by = kThreads / bx;
-    const int64_t tiles = ceil_div(groups, bx);
-    const int64_t chunk_rows = static_cast<int64_t>(by) * kUnroll;
-    int64_t splits = clamp64(ceil_div(target_blocks, tiles), 1,
-                             std::min<int64_t>(kMaxSplits, ceil_div(rows, chunk_rows)));
-    const int64_t rows_per_split = round_up(ceil_div(rows, splits), chunk_rows);
-    splits = ceil_div(rows, rows_per_split);
-    make_workspace(splits);
-    grid = dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
+    const NhwcPlan plan = plan_nhwc(rows, channels / (vec ? V : 1), target_blocks, /*reduction=*/true);
+    make_workspace(plan.splits);
+    grid = dim3(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.splits));
     if (vec) {
       stats_nhwc_kernel<scalar_t, V><<<grid, kThreads, 0, stream>>>(
-          data, rows, channels, rows_per_split, bx, mean_ptr, var_ptr, ws_ptr);
+          data, rows, channels, plan.rows_per_split, plan.bx, mean_ptr, var_ptr, ws_ptr);
     } else {
       stats_nhwc_kernel<scalar_t, 1><<<grid, kThreads, 0, stream>>>(
-          data, rows, channels, rows_per_split, bx, mean_ptr, var_ptr, ws_ptr);
+          data, rows, channels, plan.rows_per_split, plan.bx, mean_ptr, var_ptr, ws_ptr);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     const bool vec = hw % V == 0 && aligned16(data);
     const int64_t nvec = hw / (vec ? V : 1);
-    const int64_t wanted = ceil_div(target_blocks, channels);  // splits per channel to fill the GPU
-    bool unroll_hw;
-    int bx;
-    int64_t n_per_split;
-    int64_t vec_per_split;
-    int64_t hw_splits;
-    if (nvec >= static_cast<int64_t>(kThreads) * kUnroll) {
-      // Large planes: a whole block walks along each plane; split images, then planes.
-      unroll_hw = true;
-      bx = kThreads;
-      const int64_t n_splits = std::min(batch, wanted);
-      n_per_split = ceil_div(batch, n_splits);
-      const int64_t chunk = static_cast<int64_t>(kThreads) * kUnroll;
-      hw_splits = clamp64(ceil_div(wanted, ceil_div(batch, n_per_split)), 1, nvec / chunk);
-      vec_per_split = round_up(ceil_div(nvec, hw_splits), chunk);
-      hw_splits = ceil_div(nvec, vec_per_split);
-    } else {
-      // Small planes: bx threads across a plane, by = kThreads / bx images in flight.
-      // bx is 32 (one warp per plane row) or the plane itself when that wastes fewer
-      // threads (7x7 = 49: 5 planes of 49 use 245 of 256 threads; 32 lanes would idle
-      // 15 of every 64).
-      unroll_hw = false;
-      bx = nvec < 32 ? static_cast<int>(nvec) : 32;
-      if (nvec > 32 && nvec <= kThreads) {
-        const double use_warp = static_cast<double>(nvec) / (32.0 * ceil_div(nvec, 32));
-        const double use_plane = static_cast<double>(nvec * (kThreads / nvec)) / kThreads;
-        if (use_plane > use_warp) bx = static_cast<int>(nvec);
-      }
-      const int64_t chunk = static_cast<int64_t>(kThreads / bx) * kUnroll;
-      const int64_t n_splits = clamp64(wanted, 1, ceil_div(batch, chunk));
-      n_per_split = round_up(ceil_div(batch, n_splits), chunk);
-      vec_per_split = nvec;
-      hw_splits = 1;
-    }
-    const int64_t splits = ceil_div(batch, n_per_split) * hw_splits;
-    TORCH_INTERNAL_ASSERT(splits >= 1 && splits <= kMaxSplits);
-    make_workspace(splits);
-    grid = dim3(static_cast<unsigned>(channels), static_cast<unsigned>(splits));
+    const NchwPlan plan = plan_nchw(batch, channels, nvec, target_blocks);
+    TORCH_INTERNAL_ASSERT(plan.splits >= 1 && plan.splits <= kMaxSplits);
+    make_workspace(plan.splits);
+    grid = dim3(static_cast<unsigned>(channels), static_cast<unsigned>(plan.splits));
     if (vec) {
       stats_nchw_kernel<scalar_t, V><<<grid, kThreads, 0, stream>>>(
-          data, batch, channels, hw, n_per_split, vec_per_split, static_cast<int>(hw_splits), bx,
-          unroll_hw, mean_ptr, var_ptr, ws_ptr);
+          data, batch, channels, hw, plan.n_per_split, plan.vec_per_split, static_cast<int>(plan.hw_splits),
+          plan.bx, plan.unroll_hw, mean_ptr, var_ptr, ws_ptr);
     } else {
       stats_nchw_kernel<scalar_t, 1><<<grid, kThreads, 0, stream>>>(
-          data, batch, channels, hw, n_per_split, vec_per_split, static_cast<int>(hw_splits), bx,
-          unroll_hw, mean_ptr, var_ptr, ws_ptr);
+          data, batch, channels, hw, plan.n_per_split, plan.vec_per_split, static_cast<int>(plan.hw_splits),
+          plan.bx, plan.unroll_hw, mean_ptr, var_ptr, ws_ptr);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -23,8 +23,8 @@ What is converted:
   stay the same.
 
 What is not (and is listed in :attr:`ConversionReport.skipped` with the reason):
-BatchNorms not followed by a ReLU, ``SyncBatchNorm`` (its statistics are reduced across
-processes), subclasses of ``BatchNorm2d`` (their behaviour may differ), BatchNorms whose
+BatchNorms not followed by a ReLU, torch's ``SyncBatchNorm`` (for synchronized
+statistics call :func:`resnet_fast.nn.convert_sync_batchnorm` after :func:`convert`), subclasses of ``BatchNorm2d`` (their behaviour may differ), BatchNorms whose
 parent module has a ``forward`` we cannot see into, and norms inside converted blocks
 that the block must run unfused (e.g. a ``SyncBatchNorm``, ``FrozenBatchNorm2d`` or a
 convolution with non-zero padding mode). Blocks that look like torchvision's but have
@@ -120,7 +120,8 @@ def _is_batch_norm(module: nn.Module) -> bool:
 def _batch_norm_type_reason(bn: nn.Module) -> str | None:
     """Why a BatchNorm cannot become a ``BatchNormAct2d`` whatever surrounds it (None: it can)."""
     if isinstance(bn, nn.SyncBatchNorm):
-        return "SyncBatchNorm: its cross-process statistics are not fused"
+        return ("torch's SyncBatchNorm is not fused; convert first, then call "
+                "resnet_fast.nn.convert_sync_batchnorm for fused synchronized statistics")
     if type(bn) is not nn.BatchNorm2d:
         return f"subclass of nn.BatchNorm2d ({type(bn).__name__}) whose behaviour may differ"
     return None

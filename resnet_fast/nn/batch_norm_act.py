@@ -75,7 +75,11 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return fused
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        return batch_norm_act(input, self.weight, self.bias, residual=residual, relu=self.relu,
+        return self.forward_act(input, residual, self.relu)
+
+    def forward_act(self, input: Tensor, residual: Tensor | None, relu: bool) -> Tensor:
+        """``forward`` with the activation given by the caller (the blocks decide it)."""
+        return batch_norm_act(input, self.weight, self.bias, residual=residual, relu=relu,
                               **batch_norm_call_args(self))
 
     def extra_repr(self) -> str:

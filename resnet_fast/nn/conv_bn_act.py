@@ -14,8 +14,10 @@ def is_fusable(conv: nn.Module, bn: nn.Module) -> bool:
 
     Needs a plain ``nn.Conv2d`` with zero padding given as numbers and a BatchNorm with
     ``nn.BatchNorm2d``'s forward (``nn.BatchNorm2d`` itself or :class:`BatchNormAct2d`).
-    Anything else (SyncBatchNorm, GroupNorm, frozen BatchNorm, ``padding="same"``,
-    reflective padding, subclasses with their own forward) runs unfused.
+    Anything else (GroupNorm, frozen BatchNorm, ``padding="same"``, reflective padding,
+    subclasses with their own forward) runs unfused; a :class:`SyncBatchNormAct2d
+    <resnet_fast.nn.SyncBatchNormAct2d>` runs after the convolution with its own fused
+    add and ReLU.
     """
     return (
         type(conv) is nn.Conv2d
@@ -43,6 +45,8 @@ def conv_bn_act_forward(
     BatchNorm parameters and statistics stay in their own dtype.
     """
     if not is_fusable(conv, bn):
+        if isinstance(bn, BatchNormAct2d):  # e.g. SyncBatchNormAct2d: still fuses add and ReLU
+            return bn.forward_act(conv(x), residual, relu)
         out = bn(conv(x))
         if residual is not None:
             out = out + residual

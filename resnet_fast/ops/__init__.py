@@ -6,7 +6,7 @@ extension when it was built (it adds CUDA kernels to the same operators).
 
 from resnet_fast import kernels  # noqa: F401  registers the Triton kernels when triton is installed
 from resnet_fast._extension import extension_load_error
-from resnet_fast.ops import reference  # registers the torch backend's kernels
+from resnet_fast.ops import batch_norm_act_stages, reference  # noqa: F401  register the cuda and torch backends' kernels
 from resnet_fast.ops.batch_norm_act import batch_norm_act
 from resnet_fast.ops.batch_norm_stats import batch_norm_stats
 from resnet_fast.ops.conv_bn_act import conv_bn_act
@@ -16,6 +16,7 @@ from resnet_fast.ops.dispatch import (
     get_backend,
     set_backend,
 )
+from resnet_fast.ops.sync_batch_norm_act import sync_batch_norm_act
 
 extension_load_error()  # adds the CUDA kernels of resnet_fast._C when it was built
 
@@ -28,4 +29,5 @@ __all__ = [
     "get_backend",
     "reference",
     "set_backend",
+    "sync_batch_norm_act",
 ]

@@ -69,10 +69,13 @@ def check_batch_norm_args(
     running_var: torch.Tensor | None,
     training: bool,
     input_name: str = "input",
+    check_count: bool = True,
 ) -> None:
     """Everything BatchNorm(+add)(+ReLU) needs of its arguments, checked up front.
 
     ``x`` is the tensor being normalised; ``input_name`` is what the error calls it.
+    ``check_count=False`` leaves the "more than one value per channel" check to the
+    caller (synchronized BatchNorm counts the values of the whole group).
     """
     channels = x.shape[1]
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
@@ -91,7 +94,7 @@ def check_batch_norm_args(
             )
     check_same_device(x, weight=weight, bias=bias, residual=residual,
                       running_mean=running_mean, running_var=running_var)
-    if training and x.numel() // max(channels, 1) <= 1:
+    if training and check_count and x.numel() // max(channels, 1) <= 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got {input_name} "
             f"size {tuple(x.shape)}"
