@@ -90,16 +90,13 @@ def build_model(name: str, num_classes: int, eager: bool) -> nn.Module:
 def convert_sync_batchnorm(model: nn.Module, eager: bool, device: torch.device) -> nn.Module:
     """BatchNorms that reduce their batch statistics over all processes.
 
-    resnet_fast models go through ``resnet_fast.nn.convert_sync_batchnorm`` (in place);
-    the eager torchvision models through ``torch.nn.SyncBatchNorm``, which runs on GPUs only.
+    resnet_fast models go through :func:`resnet_fast.nn.convert_sync_batchnorm` (in place;
+    runs on GPUs and, with gloo, on the CPU); the eager torchvision models through
+    ``torch.nn.SyncBatchNorm``, which runs on GPUs only. With one process nothing is synchronized.
     """
     if eager:
         if device.type != "cuda":
             raise ConfigError("--sync-bn --eager needs CUDA devices: torch.nn.SyncBatchNorm does not run on the "
                               "CPU; drop --eager (resnet_fast's synchronized BatchNorm) or --sync-bn")
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    convert = getattr(resnet_fast.nn, "convert_sync_batchnorm", None)
-    if convert is None:
-        raise ConfigError("--sync-bn needs resnet_fast.nn.convert_sync_batchnorm, which this version of "
-                          "resnet_fast does not have yet")
-    return convert(model, process_group=None)
+    return resnet_fast.nn.convert_sync_batchnorm(model, process_group=None)
