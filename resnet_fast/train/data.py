@@ -326,7 +326,10 @@ class LoaderData:
     def __init__(self, train: Dataset, evaluation: Dataset, eval_name: str, num_classes: int,
                  sampler: GlobalBatchSampler, workers: int, pin_memory: bool, rank: int, world_size: int) -> None:
         self.sampler, self.eval_name, self.num_classes = sampler, eval_name, num_classes
-        options = {"num_workers": workers, "pin_memory": pin_memory, "persistent_workers": workers > 0}
+        # Their own generator: creating an iterator draws a worker base seed from it, which would
+        # otherwise advance torch's global generator a run-history-dependent number of times.
+        options = {"num_workers": workers, "pin_memory": pin_memory, "persistent_workers": workers > 0,
+                   "generator": torch.Generator().manual_seed(sampler.seed)}
         self.train_loader = DataLoader(SeededSamples(train, sampler.seed), batch_sampler=sampler, **options)
         self.eval_loader = DataLoader(evaluation, batch_size=sampler.local_batch,
                                       sampler=rank_shard(len(evaluation), rank, world_size),  # type: ignore[arg-type]
