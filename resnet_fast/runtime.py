@@ -43,7 +43,10 @@ def check_dtype_supported(device: str | torch.device, dtype: str, cuda_bf16: boo
     if cuda_bf16 is None:
         cuda_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
     if not cuda_bf16:
-        name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else "this GPU"
+        try:
+            name = torch.cuda.get_device_name(device)
+        except (RuntimeError, AssertionError):  # no CUDA runtime to ask (the caller said it has no bf16)
+            name = "this GPU"
         raise ConfigError(f"{name} has no bf16 support; use --dtype fp16 (with a GradScaler) or --dtype fp32")
 
 

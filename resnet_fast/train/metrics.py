@@ -140,7 +140,7 @@ def plot_curves(rows: list[dict[str, str]], path: str | Path) -> Path:
         axis.set(title=title, xlabel="iteration")
         axis.legend()
     xs, ys = series("train", "lr")
-    axes[2].plot(xs, ys)
+    axes[2].step(xs, ys, where="pre")  # each row's rate held over the interval it closes
     axes[2].set(title="learning rate", xlabel="iteration", yscale="log")
     path = Path(path)
     figure.savefig(path, dpi=100)
