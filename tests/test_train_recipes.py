@@ -104,3 +104,13 @@ def test_recipe_defaults_follow_the_paper():
     assert (ranked.device, ranked.dtype) == ("cuda:1", "bf16")
     with pytest.raises(ConfigError, match="no bf16 support; use --dtype fp16"):
         resolve_config(Options("imagenet", dtype="bf16"), cuda_available=True, cuda_bf16=False)
+
+
+def test_fp16_with_grad_scaler_and_channels_last(tmp_path):
+    out = tmp_path / "run"
+    assert train("synthetic", "--model", "resnet8", "--batch-size", 4, "--image-size", 8, "--num-classes", 3,
+                 "--synthetic-images", 8, "--iterations", 2, "--log-every", 1, "--dtype", "fp16",
+                 "--channels-last", "--out", out) == 0
+    rows, _, checkpoint = _outputs(out)
+    assert checkpoint["scaler"]["scale"] > 0  # the GradScaler ran and its state was saved
+    assert all(math.isfinite(float(r["loss"])) for r in rows)
