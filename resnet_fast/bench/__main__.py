@@ -15,7 +15,6 @@ from rich.console import Console
 
 from resnet_fast.bench.plot import write_plot
 from resnet_fast.bench.profiler import (
-    DTYPES,
     MODELS,
     MODES,
     BenchConfigError,
@@ -28,6 +27,7 @@ from resnet_fast.bench.profiler import (
     run_benchmark,
     write_json,
 )
+from resnet_fast.runtime import DTYPES
 
 
 def _variants(text: str) -> tuple[Variant, ...]:

@@ -57,11 +57,13 @@ from resnet_fast.bench.trace import (
     trace_file,
 )
 from resnet_fast.ops.dispatch import BACKEND_NAMES
+from resnet_fast.runtime import ConfigError, grad_scaler, resolve_device, synchronize
+from resnet_fast.runtime import autocast as runtime_autocast
+from resnet_fast.runtime import check_dtype_supported as runtime_check_dtype_supported
 
 IMAGENET_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 CIFAR_MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
 MODELS = IMAGENET_MODELS + CIFAR_MODELS
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODES = ("train", "infer", "both")
 VARIANT_KINDS = ("eager", "compile", "resnet_fast")
 RESNET_FAST_BACKENDS = ("auto", *BACKEND_NAMES)
@@ -90,7 +92,7 @@ CPU_DEFAULTS = Defaults(model="resnet18", batch=8, image_size=64, dtype="fp32", 
                         warmup=1, compare="eager,resnet_fast", channels_last=False)
 
 
-class BenchConfigError(ValueError):
+class BenchConfigError(ConfigError):
     """The requested configuration cannot run (the message says why)."""
 
 
@@ -289,15 +291,11 @@ def resolve_config(options: Options, cuda_available: bool, cuda_bf16: bool = Tru
     A GPU without bf16 (``cuda_bf16`` false) defaults to fp16, with a notice saying so;
     an explicit bf16 request there is refused by :func:`check_device_support`.
     """
-    device = options.device or ("cuda" if cuda_available else "cpu")
     try:
-        device_type = torch.device(device).type
-    except RuntimeError:
-        device_type = None
-    if device_type not in ("cpu", "cuda"):
-        raise BenchConfigError(f"--device must be cpu or cuda[:N], got {device!r}")
-    if device_type == "cuda" and not cuda_available:
-        raise BenchConfigError(f"--device {device} was asked for, but torch sees no CUDA device")
+        device = resolve_device(options.device, cuda_available)
+    except ConfigError as error:
+        raise BenchConfigError(str(error)) from None
+    device_type = torch.device(device).type
     defaults = GPU_DEFAULTS if device_type == "cuda" else CPU_DEFAULTS
     check_extras(options, device_type, cuda_available)
 
@@ -359,12 +357,10 @@ def check_extras(options: Options, device_type: str, cuda_available: bool) -> No
 
 def check_device_support(config: BenchConfig) -> None:
     """Refuse a dtype the device cannot compute in (bf16 on a GPU older than Ampere)."""
-    device = torch.device(config.device)
-    if device.type == "cuda" and config.dtype == "bf16" and not torch.cuda.is_bf16_supported(
-            including_emulation=False):
-        name = torch.cuda.get_device_name(device)
-        raise BenchConfigError(f"{name} has no bf16 support; use --dtype fp16 (with a GradScaler) "
-                               "or --dtype fp32")
+    try:
+        runtime_check_dtype_supported(config.device, config.dtype)
+    except ConfigError as error:
+        raise BenchConfigError(str(error)) from None
 
 
 def skip_reasons(variant: Variant, model: str, info: dict[str, dict]) -> list[str]:
@@ -512,9 +508,7 @@ def autocast(config: BenchConfig) -> torch.autocast:
 
     Its weight-cast cache is off under CUDA graphs, as ``torch.cuda.graph`` requires.
     """
-    dtype = DTYPES[config.dtype]
-    return torch.autocast(torch.device(config.device).type, dtype=dtype, enabled=dtype != torch.float32,
-                          cache_enabled=not config.cuda_graphs)
+    return runtime_autocast(config.device, config.dtype, cache_enabled=not config.cuda_graphs)
 
 
 def make_train_plan(model: nn.Module, config: BenchConfig) -> StepPlan:
@@ -522,7 +516,7 @@ def make_train_plan(model: nn.Module, config: BenchConfig) -> StepPlan:
     model.train()
     # foreach (torch's CUDA default) on every device: one well-defined step, named _foreach_* in profiles
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=True)
-    scaler = torch.amp.GradScaler(torch.device(config.device).type, enabled=config.dtype == "fp16")
+    scaler = grad_scaler(config.device, config.dtype)
 
     def forward_backward(images: torch.Tensor, labels: torch.Tensor) -> None:
         with autocast(config):
@@ -617,12 +611,6 @@ def graphed_step(plan: StepPlan, batches: Batches, warmup: int, device: torch.de
         plan.tail()
 
     return step, first_step_s
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (no-op on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def warm_up(step: Step, count: int, device: torch.device, progress: tqdm) -> float:

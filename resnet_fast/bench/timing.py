@@ -34,12 +34,12 @@ from typing import Any, Callable, Generic, Iterator, Protocol, Sequence, TypeVar
 import torch
 
 from resnet_fast.bench.profiler import median_ms
+from resnet_fast.runtime import DTYPES, synchronize
 
 FWD, TRAIN, INFER = "fwd", "train", "infer"
 """Passes: training-mode forward; a training step (forward and backward, for models also
 the loss and the optimizer step); an eval-mode forward under ``torch.inference_mode``."""
 
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LAYOUTS: dict[str, torch.memory_format] = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
 T = TypeVar("T")
@@ -155,12 +155,6 @@ class Measurement:
     @property
     def median_ms(self) -> float:
         return median_ms(list(self.times_ms))
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (no-op on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Timer(Generic[T]):
