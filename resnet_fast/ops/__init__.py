@@ -6,7 +6,7 @@ extension when it was built (it adds CUDA kernels to the same operators).
 
 from resnet_fast import kernels  # noqa: F401  registers the Triton kernels when triton is installed
 from resnet_fast._extension import extension_load_error
-from resnet_fast.ops import batch_norm_act_stages, reference  # noqa: F401  register the cuda and torch backends' kernels
+from resnet_fast.ops import batch_norm_act_stages, conv2d_cuda, reference  # noqa: F401  register the cuda and torch backends' kernels
 from resnet_fast.ops.batch_norm_act import batch_norm_act
 from resnet_fast.ops.batch_norm_stats import batch_norm_stats
 from resnet_fast.ops.conv2d_bias_act import conv2d_bias_act

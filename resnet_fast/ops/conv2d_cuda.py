@@ -1,0 +1,83 @@
+"""The ``cuda`` backend of the convolution operators: cuDNN's fused engines and our CUDA kernels.
+
+``conv2d_bias_act`` (inference: a convolution with its BatchNorm folded in)
+    with ReLU, one cuDNN call through ATen's C++ ``at::cudnn_convolution_relu`` /
+    ``at::cudnn_convolution_add_relu``: ``relu(conv(x, w) + bias + residual)`` in cuDNN's
+    fused convolution-bias-activation engine. These engines take every tensor in the
+    input's dtype, so a float32 ``bias`` (the fold keeps it in float32) is rounded to
+    float16/bfloat16 first: a difference from the ``torch`` and ``triton`` backends of
+    at most one rounding of the bias. Without ReLU (a downsample shortcut), cuDNN's
+    convolution with bias, plus the residual when there is one.
+``conv2d_stats`` (training: BatchNorm prologue, statistics epilogue)
+    the prologue ``relu(x * scale + shift)`` by the ``batch_norm_act_apply`` CUDA kernel
+    (with mean = 0, var = 1, eps = 0 its per-channel scale and shift are exactly
+    ``scale`` and ``shift``), cuDNN's convolution, then the ``batch_norm_stats`` CUDA
+    kernel: three kernels where the ``triton`` backend runs one, so the prologue's output
+    makes a round trip through memory here.
+
+Both have the ``torch`` backend's signatures (:mod:`resnet_fast.ops.reference`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from resnet_fast.ops.common import accumulation_dtype, output_memory_format
+from resnet_fast.ops.dispatch import register_kernel
+
+
+@register_kernel("cuda", "conv2d_bias_act")
+def conv2d_bias_act(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    relu: bool,
+) -> Tensor:
+    """``relu(conv2d(x, weight) + bias + residual)`` in one cuDNN fused call when ``relu``."""
+    fmt = output_memory_format(x)
+    bias = None if bias is None else bias.to(x.dtype)
+    conv_args = (list(stride), list(padding), list(dilation), 1)
+    if relu and residual is None:
+        out = torch.ops.aten.cudnn_convolution_relu(x, weight.contiguous(memory_format=fmt), bias, *conv_args)
+    elif relu:
+        out = torch.ops.aten.cudnn_convolution_add_relu(
+            x, weight.contiguous(memory_format=fmt), residual.to(x.dtype).contiguous(memory_format=fmt), 1.0, bias,
+            *conv_args,
+        )
+    else:
+        out = F.conv2d(x, weight, bias, stride, padding, dilation)
+        if residual is not None:
+            out = out.add_(residual.to(x.dtype))
+    return out.contiguous(memory_format=fmt)
+
+
+@register_kernel("cuda", "conv2d_stats")
+def conv2d_stats(
+    x: Tensor,
+    weight: Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    prologue_scale: Tensor | None,
+    prologue_shift: Tensor | None,
+    prologue_relu: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Prologue kernel, cuDNN convolution, statistics kernel; returns (out, mean, var)."""
+    if prologue_scale is not None:
+        acc = accumulation_dtype(x.dtype)
+        zeros = torch.zeros(x.shape[1], dtype=acc, device=x.device)
+        ones = torch.ones_like(zeros)
+        x = torch.ops.resnet_fast.batch_norm_act_apply(
+            x, zeros, ones, prologue_scale, prologue_shift, None, 0.0, prologue_relu
+        )
+    out = F.conv2d(x, weight, None, stride, padding, dilation).contiguous(memory_format=output_memory_format(x))
+    mean, var = torch.ops.resnet_fast.batch_norm_stats(out)
+    return out, mean, var
