@@ -220,6 +220,69 @@ def test_gradients_through_the_triton_forward(device):
         torch.testing.assert_close(ours.double(), r, rtol=1e-4, atol=1e-4, msg=name)
 
 
+# ----------------------------------------------------------------------------- blocks
+def _bottleneck_pair(stride: int):
+    """(float64 torchvision Bottleneck with random BN statistics, our float32 copy of it)."""
+    import copy
+
+    from torch import nn
+    from torchvision.models import resnet as tv_resnet
+
+    from resnet_fast.nn import Bottleneck
+
+    torch.manual_seed(0)
+    downsample = nn.Sequential(nn.Conv2d(16, 32, 1, stride, bias=False), nn.BatchNorm2d(32))
+    tv_block = tv_resnet.Bottleneck(16, 8, stride=stride, downsample=downsample)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for bn in (m for m in tv_block.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.weight.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+            bn.bias.copy_(torch.randn(bn.num_features, generator=g))
+            bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+    ours = Bottleneck.from_torchvision(copy.deepcopy(tv_block)).to(memory_format=torch.channels_last)
+    return tv_block.double(), ours
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_eval_bottleneck_runs_folded_triton_convolutions(device):
+    """Eval Bottleneck (stride 2, downsample): four folded Triton convolutions, the last
+    with residual + ReLU, against torchvision's block in float64."""
+    tv_block, ours = _bottleneck_pair(2)
+    tv_block.eval()
+    ours.eval().to(device)
+    x = random_input((2, 16, 6, 6), torch.float32, True, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = ours(x.to(device))
+        ref = tv_block(x.double())
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_training_bottleneck_with_triton_convolutions(device):
+    """Opt-in fused training (statistics epilogues, BatchNorm+ReLU prologues in Triton):
+    output, gradients and running statistics against torchvision's block in float64."""
+    tv_block, ours = _bottleneck_pair(1)
+    tv_block.train()
+    ours.train().to(device)
+    ours.fused_training = True
+    g = torch.Generator().manual_seed(3)
+    x = random_input((2, 16, 5, 5), torch.float32, True, generator=g)
+    grad = torch.randn(2, 32, 5, 5, generator=g, dtype=torch.float64)
+    xs = x.to(device).clone().requires_grad_()
+    out = ours(xs)
+    out.backward(grad.to(device, torch.float32))
+    x64 = x.double().requires_grad_()
+    ref = tv_block(x64)
+    ref.backward(grad)
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(xs.grad.double().cpu(), x64.grad, rtol=1e-3, atol=1e-3)
+    for (name, p), q in zip(ours.named_parameters(), tv_block.parameters()):
+        torch.testing.assert_close(p.grad.double().cpu(), q.grad, rtol=1e-3, atol=1e-3, msg=name)
+    for (name, b), c in zip(ours.named_buffers(), tv_block.buffers()):
+        torch.testing.assert_close(b.double().cpu(), c.double(), rtol=1e-5, atol=1e-5, msg=name)
+
+
 # ----------------------------------------------------------------------------- the ops
 def _opcheck_utils(device: str) -> tuple[str, ...]:
     """In the interpreter no kernel launch can be traced (see test_triton_batch_norm_act)."""
@@ -257,7 +320,8 @@ def test_float64_is_refused_with_a_reason():
 
 
 # ------------------------------------------------------------------ ahead-of-time compile
-AOT_TARGETS = ((90, "bf16"), (80, "bf16"), (75, "fp16"), (70, "fp16"))
+# (compute capability, data dtype): fp32 runs as TF32 (torch's cuDNN default)
+AOT_TARGETS = ((90, "bf16"), (90, "fp32"), (80, "bf16"), (75, "fp16"), (70, "fp16"))
 AOT_SCRIPT = textwrap.dedent("""
     import sys
     import triton
@@ -271,7 +335,8 @@ AOT_SCRIPT = textwrap.dedent("""
         cap, dtype = arg.split(":")
         # every prologue and epilogue stage on at once: one compile covers all the code
         flags = {"HAS_BIAS": True, "HAS_RESIDUAL": True, "RELU": True, "STATS": True, "PROLOGUE": True,
-                 "PROLOGUE_RELU": True, "INPUT_PRECISION": "ieee", "GROUP_M": K.GROUP_M}
+                 "PROLOGUE_RELU": True, "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee",
+                 "GROUP_M": K.GROUP_M}
         config = K.CONFIGS[0].kwargs
         sig, constexprs = {}, {}
         for p in K._conv2d_kernel.params:
@@ -288,13 +353,14 @@ AOT_SCRIPT = textwrap.dedent("""
         assert len(compiled.asm["cubin"]) > 1000, cap
         if int(cap) >= 80:
             assert "mma" in compiled.asm["ptx"], f"no tensor-core instruction for sm_{cap}"
-        done.append(f"conv2d@sm_{cap}")
+        done.append(f"conv2d-{dtype}@sm_{cap}")
     print(len(done), " ".join(done))
 """)
 
 
 def test_kernel_compiles_ahead_of_time_for_gpu_targets(tmp_path):
-    """CPU-only proof that the kernel builds for sm_70/75/80/90 (tensor cores from sm_80)."""
+    """CPU-only proof that the kernel builds for sm_70/75/80/90 (tensor cores from sm_80,
+    TF32 for float32 on sm_90)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     targets = [f"{cap}:{dtype}" for cap, dtype in AOT_TARGETS]
