@@ -173,6 +173,32 @@ def test_conv2d_stats_matches_float64_reference(conv, prologue, dtype, channels_
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tiling", ["flat", "taps"])
+@pytest.mark.parametrize("conv", list(CONVS))
+def test_both_k_tilings_match_float64_reference(kernels, conv, tiling, device, monkeypatch):
+    """Every conv kind with K tiled across filter taps (FLAT_K, the stem's default) and per
+    tap (the default elsewhere): full epilogue, then statistics with the full prologue."""
+    default_flat = CONVS[conv][0] < kernels.FLAT_K_BELOW_CHANNELS
+    if default_flat == (tiling == "flat"):
+        pytest.skip("the default tiling of this conv is covered by the tests above")
+    monkeypatch.setattr(kernels, "FLAT_K_BELOW_CHANNELS", 1 << 30 if tiling == "flat" else 0)
+    x, w, stride, padding, out_shape, g = _conv_inputs(conv, torch.float32, True, device, seed=2)
+    bias = torch.randn(out_shape[1], generator=g).to(device)
+    res = random_input(out_shape, torch.float32, True, generator=g, device=device)
+    args = (stride, padding, [1, 1], True)
+    out = dispatch.select_kernel("conv2d_bias_act", x)(x, w, bias, res, *args)
+    pre = reference.conv2d_bias_act(x.double(), w.double(), bias.double(), res.double(), *args[:3], False)
+    assert_close_to_reference(out, relu_with_mask_of(pre, out), reference.conv2d_bias_act(x, w, bias, res, *args))
+    scale, shift = (torch.rand(x.shape[1], generator=g) + 0.5).to(device), torch.randn(x.shape[1], generator=g).to(device)
+    stats_args = (stride, padding, [1, 1], scale, shift, True)
+    ours = dispatch.select_kernel("conv2d_stats", x)(x, w, *stats_args)
+    same = reference.conv2d_stats(x, w, *stats_args)
+    ref = reference.conv2d_stats(x.double(), w.double(), *stats_args[:3], scale.double(), shift.double(), True)
+    for name, o, r, sm in zip(("output", "mean", "var"), ours, ref, same):
+        assert_close_to_reference(o, r, sm, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_prologue_keeps_padding_zero(device):
     """shift > 0 everywhere: a padded position activated would add weight * shift to the border."""
     c = 4
@@ -320,8 +346,9 @@ def test_float64_is_refused_with_a_reason():
 
 
 # ------------------------------------------------------------------ ahead-of-time compile
-# (compute capability, data dtype): fp32 runs as TF32 (torch's cuDNN default)
-AOT_TARGETS = ((90, "bf16"), (90, "fp32"), (80, "bf16"), (75, "fp16"), (70, "fp16"))
+# (compute capability, data dtype, K tiling): fp32 runs as TF32 (torch's cuDNN default)
+AOT_TARGETS = ((90, "bf16", "taps"), (90, "bf16", "flat"), (90, "fp32", "taps"), (80, "bf16", "taps"),
+               (75, "fp16", "taps"), (70, "fp16", "taps"))
 AOT_SCRIPT = textwrap.dedent("""
     import sys
     import triton
@@ -332,11 +359,11 @@ AOT_SCRIPT = textwrap.dedent("""
     FLOAT32_POINTERS = {"bias_ptr", "scale_ptr", "shift_ptr", "ws_ptr"}
     done = []
     for arg in sys.argv[1:]:
-        cap, dtype = arg.split(":")
+        cap, dtype, tiling = arg.split(":")
         # every prologue and epilogue stage on at once: one compile covers all the code
         flags = {"HAS_BIAS": True, "HAS_RESIDUAL": True, "RELU": True, "STATS": True, "PROLOGUE": True,
                  "PROLOGUE_RELU": True, "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee",
-                 "GROUP_M": K.GROUP_M}
+                 "FLAT_K": tiling == "flat", "GROUP_M": K.GROUP_M}
         config = K.CONFIGS[0].kwargs
         sig, constexprs = {}, {}
         for p in K._conv2d_kernel.params:
@@ -353,7 +380,7 @@ AOT_SCRIPT = textwrap.dedent("""
         assert len(compiled.asm["cubin"]) > 1000, cap
         if int(cap) >= 80:
             assert "mma" in compiled.asm["ptx"], f"no tensor-core instruction for sm_{cap}"
-        done.append(f"conv2d-{dtype}@sm_{cap}")
+        done.append(f"conv2d-{dtype}-{tiling}@sm_{cap}")
     print(len(done), " ".join(done))
 """)
 
@@ -363,7 +390,7 @@ def test_kernel_compiles_ahead_of_time_for_gpu_targets(tmp_path):
     TF32 for float32 on sm_90)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    targets = [f"{cap}:{dtype}" for cap, dtype in AOT_TARGETS]
+    targets = [f"{cap}:{dtype}:{tiling}" for cap, dtype, tiling in AOT_TARGETS]
     result = subprocess.run([sys.executable, "-c", AOT_SCRIPT, *targets], env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
