@@ -375,3 +375,18 @@ def test_fused_training_is_opt_in_and_not_in_the_state_dict():
     assert Bottleneck.fused_training is False
     assert set(block.state_dict()) == set(tv_block.state_dict())
     assert enable_fused_training(block, False) == 1 and block.fused_training is False
+
+
+def test_fold_made_in_inference_mode_is_not_reused_with_autograd():
+    """Inference tensors cannot be saved for backward: grad mode gets its own fold."""
+    ours, conv, bn = _layer_pair(False, True, True)
+    ours.requires_grad_(False)
+    x = torch.randn(2, 6, 7, 7)
+    with torch.inference_mode():
+        ours(x)
+    xg = x.clone().requires_grad_()
+    out = ours(xg)
+    out.sum().backward()
+    x64 = x.double().requires_grad_()
+    _unfused(conv, bn, x64, None, True).sum().backward()
+    torch.testing.assert_close(xg.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
