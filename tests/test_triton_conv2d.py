@@ -173,6 +173,32 @@ def test_conv2d_stats_matches_float64_reference(conv, prologue, dtype, channels_
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tiling", ["flat", "taps"])
+@pytest.mark.parametrize("conv", list(CONVS))
+def test_both_k_tilings_match_float64_reference(kernels, conv, tiling, device, monkeypatch):
+    """Every conv kind with K tiled across filter taps (FLAT_K, the stem's default) and per
+    tap (the default elsewhere): full epilogue, then statistics with the full prologue."""
+    default_flat = CONVS[conv][0] < kernels.FLAT_K_BELOW_CHANNELS
+    if default_flat == (tiling == "flat"):
+        pytest.skip("the default tiling of this conv is covered by the tests above")
+    monkeypatch.setattr(kernels, "FLAT_K_BELOW_CHANNELS", 1 << 30 if tiling == "flat" else 0)
+    x, w, stride, padding, out_shape, g = _conv_inputs(conv, torch.float32, True, device, seed=2)
+    bias = torch.randn(out_shape[1], generator=g).to(device)
+    res = random_input(out_shape, torch.float32, True, generator=g, device=device)
+    args = (stride, padding, [1, 1], True)
+    out = dispatch.select_kernel("conv2d_bias_act", x)(x, w, bias, res, *args)
+    pre = reference.conv2d_bias_act(x.double(), w.double(), bias.double(), res.double(), *args[:3], False)
+    assert_close_to_reference(out, relu_with_mask_of(pre, out), reference.conv2d_bias_act(x, w, bias, res, *args))
+    scale, shift = (torch.rand(x.shape[1], generator=g) + 0.5).to(device), torch.randn(x.shape[1], generator=g).to(device)
+    stats_args = (stride, padding, [1, 1], scale, shift, True)
+    ours = dispatch.select_kernel("conv2d_stats", x)(x, w, *stats_args)
+    same = reference.conv2d_stats(x, w, *stats_args)
+    ref = reference.conv2d_stats(x.double(), w.double(), *stats_args[:3], scale.double(), shift.double(), True)
+    for name, o, r, sm in zip(("output", "mean", "var"), ours, ref, same):
+        assert_close_to_reference(o, r, sm, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_prologue_keeps_padding_zero(device):
     """shift > 0 everywhere: a padded position activated would add weight * shift to the border."""
     c = 4
@@ -220,6 +246,69 @@ def test_gradients_through_the_triton_forward(device):
         torch.testing.assert_close(ours.double(), r, rtol=1e-4, atol=1e-4, msg=name)
 
 
+# ----------------------------------------------------------------------------- blocks
+def _bottleneck_pair(stride: int):
+    """(float64 torchvision Bottleneck with random BN statistics, our float32 copy of it)."""
+    import copy
+
+    from torch import nn
+    from torchvision.models import resnet as tv_resnet
+
+    from resnet_fast.nn import Bottleneck
+
+    torch.manual_seed(0)
+    downsample = nn.Sequential(nn.Conv2d(16, 32, 1, stride, bias=False), nn.BatchNorm2d(32))
+    tv_block = tv_resnet.Bottleneck(16, 8, stride=stride, downsample=downsample)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for bn in (m for m in tv_block.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.weight.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+            bn.bias.copy_(torch.randn(bn.num_features, generator=g))
+            bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+    ours = Bottleneck.from_torchvision(copy.deepcopy(tv_block)).to(memory_format=torch.channels_last)
+    return tv_block.double(), ours
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_eval_bottleneck_runs_folded_triton_convolutions(device):
+    """Eval Bottleneck (stride 2, downsample): four folded Triton convolutions, the last
+    with residual + ReLU, against torchvision's block in float64."""
+    tv_block, ours = _bottleneck_pair(2)
+    tv_block.eval()
+    ours.eval().to(device)
+    x = random_input((2, 16, 6, 6), torch.float32, True, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = ours(x.to(device))
+        ref = tv_block(x.double())
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_training_bottleneck_with_triton_convolutions(device):
+    """Opt-in fused training (statistics epilogues, BatchNorm+ReLU prologues in Triton):
+    output, gradients and running statistics against torchvision's block in float64."""
+    tv_block, ours = _bottleneck_pair(1)
+    tv_block.train()
+    ours.train().to(device)
+    ours.fused_training = True
+    g = torch.Generator().manual_seed(3)
+    x = random_input((2, 16, 5, 5), torch.float32, True, generator=g)
+    grad = torch.randn(2, 32, 5, 5, generator=g, dtype=torch.float64)
+    xs = x.to(device).clone().requires_grad_()
+    out = ours(xs)
+    out.backward(grad.to(device, torch.float32))
+    x64 = x.double().requires_grad_()
+    ref = tv_block(x64)
+    ref.backward(grad)
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(xs.grad.double().cpu(), x64.grad, rtol=1e-3, atol=1e-3)
+    for (name, p), q in zip(ours.named_parameters(), tv_block.parameters()):
+        torch.testing.assert_close(p.grad.double().cpu(), q.grad, rtol=1e-3, atol=1e-3, msg=name)
+    for (name, b), c in zip(ours.named_buffers(), tv_block.buffers()):
+        torch.testing.assert_close(b.double().cpu(), c.double(), rtol=1e-5, atol=1e-5, msg=name)
+
+
 # ----------------------------------------------------------------------------- the ops
 def _opcheck_utils(device: str) -> tuple[str, ...]:
     """In the interpreter no kernel launch can be traced (see test_triton_batch_norm_act)."""
@@ -257,7 +346,9 @@ def test_float64_is_refused_with_a_reason():
 
 
 # ------------------------------------------------------------------ ahead-of-time compile
-AOT_TARGETS = ((90, "bf16"), (80, "bf16"), (75, "fp16"), (70, "fp16"))
+# (compute capability, data dtype, K tiling): fp32 runs as TF32 (torch's cuDNN default)
+AOT_TARGETS = ((90, "bf16", "taps"), (90, "bf16", "flat"), (90, "fp32", "taps"), (80, "bf16", "taps"),
+               (75, "fp16", "taps"), (70, "fp16", "taps"))
 AOT_SCRIPT = textwrap.dedent("""
     import sys
     import triton
@@ -268,10 +359,11 @@ AOT_SCRIPT = textwrap.dedent("""
     FLOAT32_POINTERS = {"bias_ptr", "scale_ptr", "shift_ptr", "ws_ptr"}
     done = []
     for arg in sys.argv[1:]:
-        cap, dtype = arg.split(":")
+        cap, dtype, tiling = arg.split(":")
         # every prologue and epilogue stage on at once: one compile covers all the code
         flags = {"HAS_BIAS": True, "HAS_RESIDUAL": True, "RELU": True, "STATS": True, "PROLOGUE": True,
-                 "PROLOGUE_RELU": True, "INPUT_PRECISION": "ieee", "GROUP_M": K.GROUP_M}
+                 "PROLOGUE_RELU": True, "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee",
+                 "FLAT_K": tiling == "flat", "GROUP_M": K.GROUP_M}
         config = K.CONFIGS[0].kwargs
         sig, constexprs = {}, {}
         for p in K._conv2d_kernel.params:
@@ -288,16 +380,17 @@ AOT_SCRIPT = textwrap.dedent("""
         assert len(compiled.asm["cubin"]) > 1000, cap
         if int(cap) >= 80:
             assert "mma" in compiled.asm["ptx"], f"no tensor-core instruction for sm_{cap}"
-        done.append(f"conv2d@sm_{cap}")
+        done.append(f"conv2d-{dtype}-{tiling}@sm_{cap}")
     print(len(done), " ".join(done))
 """)
 
 
 def test_kernel_compiles_ahead_of_time_for_gpu_targets(tmp_path):
-    """CPU-only proof that the kernel builds for sm_70/75/80/90 (tensor cores from sm_80)."""
+    """CPU-only proof that the kernel builds for sm_70/75/80/90 (tensor cores from sm_80,
+    TF32 for float32 on sm_90)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    targets = [f"{cap}:{dtype}" for cap, dtype in AOT_TARGETS]
+    targets = [f"{cap}:{dtype}:{tiling}" for cap, dtype, tiling in AOT_TARGETS]
     result = subprocess.run([sys.executable, "-c", AOT_SCRIPT, *targets], env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr

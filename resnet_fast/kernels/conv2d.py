@@ -21,7 +21,10 @@ int64, so activations past 2^31 elements work; per-element channel offsets are i
 Masks cover the M, C_out and C_in tails and the zero padding.
 
 One program computes a [BLOCK_M, BLOCK_N] output tile, looping over K in steps of
-BLOCK_K within one filter tap (r, s); products run in ``tl.dot`` with float32
+BLOCK_K within one filter tap (r, s) — or, with fewer than
+:data:`FLAT_K_BELOW_CHANNELS` input channels (the stem's 3), across taps, each k decoded
+to (r, s, c) (``FLAT_K``), so the K tiles are not mostly padding; products run in
+``tl.dot`` with float32
 accumulation (tensor cores on sm_80+: :data:`USES_TENSOR_CORES`). float32 input runs
 as TF32 on the GPU when ``torch.backends.cudnn.allow_tf32`` is set (torch's default for
 convolutions, so cuDNN does the same), in IEEE float32 otherwise.
@@ -69,6 +72,8 @@ fused convolutions should go elsewhere on those devices."""
 _empty = torch.empty  # every output and workspace comes from here (tests poison it with NaN)
 
 STATS_BLOCK_M = 128
+FLAT_K_BELOW_CHANNELS = 16
+"""Inputs with fewer channels than this (the stem) tile K across filter taps (``FLAT_K``)."""
 GROUP_M = 8  # M tiles per group in the launch order, so programs in flight share B tiles in L2
 
 
@@ -105,7 +110,7 @@ def _conv2d_kernel(
     son, soc, sop, soq,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
     PROLOGUE: tl.constexpr, PROLOGUE_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FLAT_K: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[m, co] = epilogue(sum_{r,s,c} prologue(x[n, h, w, c]) * weight[co, c, r, s])."""
     # Grouped launch order: GROUP_M M tiles sweep the N tiles together.
@@ -133,30 +138,57 @@ def _conv2d_kernel(
     x_img = img.to(tl.int64) * sxn
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    c_tiles = tl.cdiv(C, BLOCK_K)
-    for kt in range(0, R * S * c_tiles):
-        rs = kt // c_tiles
-        c0 = (kt - rs * c_tiles) * BLOCK_K
-        r = rs // S
-        s = rs - r * S
-        h = h_base + r * dil_h
-        w = w_base + s * dil_w
-        pix_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        cs = c0 + offs_k
-        c_ok = cs < C
-        a_mask = pix_ok[:, None] & c_ok[None, :]
-        a_rows = x_img + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
-        a = tl.load(x_ptr + a_rows[:, None] + (cs * sxc)[None, :], mask=a_mask, other=0.0)
-        if PROLOGUE:
-            scale = tl.load(scale_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)
-            shift = tl.load(shift_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)
-            act = a.to(tl.float32) * scale[None, :] + shift[None, :]
-            if PROLOGUE_RELU:
-                act = tl.maximum(act, 0.0)
-            a = tl.where(a_mask, act, 0.0).to(x_ptr.dtype.element_ty)  # padding stays zero
-        b_ptrs = w_ptr + r * swr + s * sws + (cs * swc)[:, None] + (offs_n * swn)[None, :]
-        b = tl.load(b_ptrs, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    if FLAT_K:
+        # Few input channels (the stem's 3): K tiles run across filter taps, each k
+        # decoded to (r, s, c), so the tiles are not mostly padding.
+        for k0 in range(0, R * S * C, BLOCK_K):
+            ks = k0 + offs_k
+            k_ok = ks < R * S * C
+            cs = ks % C
+            rs = ks // C
+            r = rs // S
+            s = rs - r * S
+            h = h_base[:, None] + (r * dil_h)[None, :]
+            w = w_base[:, None] + (s * dil_w)[None, :]
+            a_mask = m_ok[:, None] & k_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            a_offs = x_img[:, None] + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw + (cs * sxc)[None, :]
+            a = tl.load(x_ptr + a_offs, mask=a_mask, other=0.0)
+            if PROLOGUE:
+                scale = tl.load(scale_ptr + cs, mask=k_ok, other=0.0).to(tl.float32)
+                shift = tl.load(shift_ptr + cs, mask=k_ok, other=0.0).to(tl.float32)
+                act = a.to(tl.float32) * scale[None, :] + shift[None, :]
+                if PROLOGUE_RELU:
+                    act = tl.maximum(act, 0.0)
+                a = tl.where(a_mask, act, 0.0).to(x_ptr.dtype.element_ty)  # padding stays zero
+            b_ptrs = w_ptr + (cs * swc + r * swr + s * sws)[:, None] + (offs_n * swn)[None, :]
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    else:
+        # One filter tap (r, s) per K tile; contiguous C_in runs of BLOCK_K channels.
+        c_tiles = tl.cdiv(C, BLOCK_K)
+        for kt in range(0, R * S * c_tiles):
+            rs = kt // c_tiles
+            c0 = (kt - rs * c_tiles) * BLOCK_K
+            r = rs // S
+            s = rs - r * S
+            h = h_base + r * dil_h
+            w = w_base + s * dil_w
+            pix_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            cs = c0 + offs_k
+            c_ok = cs < C
+            a_mask = pix_ok[:, None] & c_ok[None, :]
+            a_rows = x_img + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
+            a = tl.load(x_ptr + a_rows[:, None] + (cs * sxc)[None, :], mask=a_mask, other=0.0)
+            if PROLOGUE:
+                scale = tl.load(scale_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)
+                shift = tl.load(shift_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)
+                act = a.to(tl.float32) * scale[None, :] + shift[None, :]
+                if PROLOGUE_RELU:
+                    act = tl.maximum(act, 0.0)
+                a = tl.where(a_mask, act, 0.0).to(x_ptr.dtype.element_ty)  # padding stays zero
+            b_ptrs = w_ptr + r * swr + s * sws + (cs * swc)[:, None] + (offs_n * swn)[None, :]
+            b = tl.load(b_ptrs, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -222,7 +254,7 @@ def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optiona
     stats = ws is not None
     flags = dict(HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu, STATS=stats,
                  PROLOGUE=scale is not None, PROLOGUE_RELU=prologue_relu,
-                 INPUT_PRECISION=_input_precision(x.dtype), GROUP_M=GROUP_M)
+                 INPUT_PRECISION=_input_precision(x.dtype), FLAT_K=c < FLAT_K_BELOW_CHANNELS, GROUP_M=GROUP_M)
     args = (x, weight, out if bias is None else bias, out if residual is None else residual, out,
             out if scale is None else scale, out if shift is None else shift, out if ws is None else ws,
             m, c, h, w, p, q, c_out, r, s, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],

@@ -135,7 +135,8 @@ def folded_weight_and_bias(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dty
     if torch.compiler.is_compiling() or (
             torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)):
         return fold_batch_norm(*args)
-    settings = (bn.eps, dtype, memory_format, conv.weight.device)
+    # a fold made under inference_mode holds inference tensors, which autograd cannot save
+    settings = (bn.eps, dtype, memory_format, conv.weight.device, torch.is_inference_mode_enabled())
     cached = _FOLD_CACHE.get(conv)
     if cached is None or not cached.matches(tensors, settings):
         with torch.no_grad():

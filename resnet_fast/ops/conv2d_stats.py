@@ -23,6 +23,21 @@ Backward (``g`` the gradients of out, mean, var; M = N*P*Q):
     g' = grad_a * (x * scale + shift > 0)                                   (ReLU mask)
     grad_input = g' * scale, grad_scale = sum(g' * x), grad_shift = sum(g')
 
+Memory traffic per training step, in elements of the activation tensors (x: the input,
+E_in elements; y: the output, E_out elements), beside the weights:
+
+* forward: reads x once per filter tap it meets (from L2/cache for overlapping taps;
+  one DRAM pass ideally), writes y once; the statistics are (3, M tiles, C_out) float32
+  partials. The normalised activation relu(x * scale + shift) is neither written nor
+  saved: the unfused ``conv(relu(bn(x)))`` writes and re-reads it (2 E_in) and saves it.
+* backward (torch elementwise ops around ``aten.convolution_backward``, unfused in eager
+  mode; torch.compile fuses the elementwise parts): the statistics term reads grad_out
+  and y and writes the total gradient (3 E_out); the activation is recomputed (reads x,
+  writes a: 2 E_in); cuDNN's dgrad reads the gradient and writes grad_a (E_out + E_in)
+  and wgrad reads the gradient and a (E_out + E_in); the prologue's chain rule reads
+  grad_a and x and writes grad_input (3 E_in) plus reads for the scale/shift sums.
+  No GPU measurement of these has been made yet.
+
 Double backward is not supported.
 """
 
