@@ -39,7 +39,7 @@ OPERATORS = {
     "conv2d_stats": "resnet_fast.kernels.conv2d",
 }
 # Operators whose Triton kernels use tl.dot (their module sets USES_TENSOR_CORES = True).
-TENSOR_CORE_OPERATORS: frozenset[str] = frozenset()
+TENSOR_CORE_OPERATORS: frozenset[str] = frozenset({"conv2d_bias_act", "conv2d_stats"})
 
 
 @dataclass(frozen=True)

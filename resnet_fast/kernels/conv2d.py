@@ -62,6 +62,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from resnet_fast.kernels import batch_norm_act as bn_kernels
+from resnet_fast.kernels import register_compile_example
 from resnet_fast.ops.common import output_memory_format
 from resnet_fast.ops.dispatch import register_kernel
 
@@ -217,6 +218,31 @@ KERNELS = {"conv2d": _conv2d_kernel}
 """Every Triton kernel of this module, by name (the ahead-of-time compile test walks it)."""
 
 INTERPRETED = not isinstance(_conv2d_kernel, triton.runtime.JITFunction)
+
+_FLOAT32_POINTERS = {"bias_ptr", "scale_ptr", "shift_ptr", "ws_ptr"}
+
+
+def compile_example(flat_k: bool = False, input_precision: str = "ieee") -> tuple[dict[str, str], dict]:
+    """Signature and constexprs compiling :func:`_conv2d_kernel` ahead of time with every
+    prologue and epilogue stage on (one compile covers all the code) and the first tile
+    configuration; per-channel vectors and the statistics workspace are float32."""
+    flags = {"HAS_BIAS": True, "HAS_RESIDUAL": True, "RELU": True, "STATS": True, "PROLOGUE": True,
+             "PROLOGUE_RELU": True, "INPUT_PRECISION": input_precision, "FLAT_K": flat_k, "GROUP_M": GROUP_M,
+             **CONFIGS[0].kwargs}
+    signature, constexprs = {}, {}
+    for p in _conv2d_kernel.params:
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = flags[p.name]
+        elif p.name.endswith("_ptr"):
+            signature[p.name] = "*fp32" if p.name in _FLOAT32_POINTERS else "*{data}"
+        else:
+            signature[p.name] = "i32"
+    return signature, constexprs
+
+
+if not INTERPRETED:  # interpreter functions cannot be compiled ahead of time
+    register_compile_example(__name__, "_conv2d_kernel", _conv2d_kernel, *compile_example())
 _autotuned = triton.autotune(configs=CONFIGS, key=AUTOTUNE_KEY)(_conv2d_kernel)
 _autotuned_stats = triton.autotune(configs=STATS_CONFIGS, key=AUTOTUNE_KEY)(_conv2d_kernel)
 
