@@ -77,5 +77,13 @@ def random_input(shape, dtype, channels_last: bool, *, scale: float = 1.0, shift
     return x
 
 
+def poisoned_empty(*args, **kwargs) -> torch.Tensor:
+    """``torch.empty`` filled with NaN (floating point): a kernel that leaves any element
+    of its output unwritten fails the comparison. Tests swap it in for a launcher's
+    allocator."""
+    t = torch.empty(*args, **kwargs)
+    return t.fill_(float("nan")) if t.is_floating_point() else t
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; run by scripts/gpu_check.sh")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import matplotlib.image
 import pytest
@@ -13,7 +14,7 @@ from train_fixtures import train, write_cifar, write_image_folder
 from resnet_fast.models import CifarResNet
 from resnet_fast.runtime import ConfigError
 from resnet_fast.train.config import Options, resolve_config
-from resnet_fast.train.metrics import read_metrics
+from resnet_fast.train.metrics import MetricsLog, read_metrics
 
 
 def _outputs(out):
@@ -114,3 +115,27 @@ def test_fp16_with_grad_scaler_and_channels_last(tmp_path):
     rows, _, checkpoint = _outputs(out)
     assert checkpoint["scaler"]["scale"] > 0  # the GradScaler ran and its state was saved
     assert all(math.isfinite(float(r["loss"])) for r in rows)
+
+
+def test_metrics_reach_tensorboard_and_match_the_csv(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    out = tmp_path / "run"
+    assert train("synthetic", "--model", "resnet8", "--batch-size", 8, "--image-size", 8, "--num-classes", 3,
+                 "--synthetic-images", 16, "--iterations", 3, "--log-every", 1, "--out", out) == 0
+    events = event_accumulator.EventAccumulator(str(out))
+    events.Reload()
+    rows = [r for r in read_metrics(out / "metrics.csv") if r["phase"] == "train"]
+    logged = events.Scalars("train/loss")
+    assert [e.step for e in logged] == [int(r["iteration"]) for r in rows]
+    assert [e.value for e in logged] == pytest.approx([float(r["loss"]) for r in rows], rel=1e-5)
+    assert {"train/lr", "train/top1_error", "eval/loss"} <= set(events.Tags()["scalars"])
+
+
+def test_without_tensorboard_metrics_go_to_the_csv_and_it_says_so(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    log = MetricsLog(tmp_path, enabled=True)
+    assert log.writer is None and "tensorboard is not installed" in log.note
+    log.log({"phase": "train", "epoch": 1, "iteration": 1, "loss": 2.5})
+    log.close()
+    assert [r["loss"] for r in read_metrics(tmp_path / "metrics.csv")] == ["2.5"]
+    assert not list(tmp_path.glob("events.out.tfevents*"))

@@ -27,7 +27,7 @@ import pytest
 import test_batch_norm_act as bn_tests
 import test_conv_bn_act as conv_tests
 import torch
-from conftest import assert_close_to_reference, random_input, relu_with_mask_of, requires_gpu
+from conftest import assert_close_to_reference, poisoned_empty, random_input, relu_with_mask_of, requires_gpu
 
 import resnet_fast
 from resnet_fast.nn import BatchNormAct2d
@@ -85,10 +85,6 @@ def kernels():
 @pytest.fixture(autouse=True)
 def triton_backend(kernels, monkeypatch):
     """Select the triton backend and poison every tensor the launchers allocate."""
-    def poisoned_empty(*args, **kwargs):
-        t = torch.empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
     monkeypatch.setattr(kernels, "_empty", poisoned_empty)
     before = resnet_fast.get_backend()
     resnet_fast.set_backend("triton")

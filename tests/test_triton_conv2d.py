@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_to_reference, random_input, relu_with_mask_of, requires_gpu
+from conftest import assert_close_to_reference, poisoned_empty, random_input, relu_with_mask_of, requires_gpu
 
 import resnet_fast
 from resnet_fast.ops import dispatch, reference
@@ -94,10 +94,6 @@ def kernels():
 @pytest.fixture(autouse=True)
 def triton_backend(kernels, monkeypatch):
     """Select the triton backend, poison every allocation, and use 16-wide tiles when interpreted."""
-    def poisoned_empty(*args, **kwargs):
-        t = torch.empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
     monkeypatch.setattr(kernels, "_empty", poisoned_empty)
     monkeypatch.setattr(kernels, "INTERPRETER_BLOCKS", SMALL_BLOCKS)
     before = resnet_fast.get_backend()
