@@ -20,7 +20,9 @@
 #
 # The stage limits add up to more than one device call's 10 minutes: the first call on a
 # lent GPU should run `build tests`, a second `build bench profile` (a new machine
-# starts bare, so each call builds).
+# starts bare, so each call builds). The bench stage's per-layer convolutions
+# (benchmarks/bench_conv2d.py, max-autotune compiles) alone may take up to 7 minutes:
+# with GPU_CHECK_BENCH_K narrowed, or in a call of its own, they fit.
 #
 # What comes back under $OUT (a handful of files, as the device tool returns at most 8):
 # summary.txt, tests.log, BENCHMARKS.md, profile.json, and gpu-results.tar.gz with every
@@ -66,13 +68,15 @@ for stage in $stages; do
         -p no:cacheprovider --junitxml="$WORK/tests.xml"
       cp "$WORK/tests.log" "$OUT/tests.log" ;;
     bench)
-      for level in "batch_norm_act conv_bn_act" blocks models; do
+      for level in "batch_norm_act conv_bn_act" conv2d blocks models; do
         files=$(for f in $level; do echo "benchmarks/bench_$f.py"; done)
         name=bench-${level%% *}
         k="${GPU_CHECK_BENCH_K:-bf16-nhwc}"
         [ "$level" = models ] && k="$k and (resnet50- or resnet56-)"
+        limit=240
+        [ "$level" = conv2d ] && limit=420  # 23 shapes x 2 operators, max-autotune compiles
         # shellcheck disable=SC2086
-        run_stage "$name" 240 python3 -m pytest $files -m gpu -k "$k" -q -rs -p no:cacheprovider \
+        run_stage "$name" $limit python3 -m pytest $files -m gpu -k "$k" -q -rs -p no:cacheprovider \
           --benchmark-quiet --benchmark-json="$WORK/$name.json"
       done
       run_stage report 60 python3 -m resnet_fast.bench.report "$WORK"/bench-*.json \
