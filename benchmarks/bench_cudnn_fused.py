@@ -15,11 +15,12 @@ default 256, NHWC) this file times, in fp16 and bf16:
   skipped with cuDNN's own reason, and the bf16 rows are ours alone.
 * ``cudnn_conv_then_stats`` — the same work unfused: the prologue in torch, the cuDNN
   convolution through ``F.conv2d``, then ``torch.batch_norm_stats`` (mean and invstd).
-* ``resnet_fast:<backend>`` — ``resnet_fast.ops.conv_bn_act`` (training forward). Per layer
-  it does the same work as the fused graph, shifted by half a layer: one convolution, one
-  set of statistics and one normalise + ReLU pass (the fused graph applies the previous
-  layer's BatchNorm while loading; ours applies this layer's after the statistics). A
-  backend that cannot run it is skipped with its reasons.
+* ``resnet_fast:<backend>`` — ``resnet_fast.ops.conv2d_stats``: the same pattern as the
+  fused graph, prologue scale/bias/relu -> convolution -> per-channel statistics (mean and
+  biased variance instead of the sums; the ``triton`` backend applies the prologue while
+  loading and sums in the convolution's epilogue, the ``cuda`` backend runs a prologue
+  kernel, cuDNN and a statistics kernel). A backend that cannot run it is skipped with
+  its reasons.
 
 Everything is forward only, no autograd. Each case runs through the suite's timer
 (:func:`resnet_fast.bench.timing.measure`: CUDA events, warm-up calls untimed, input sets
@@ -30,7 +31,8 @@ rotated) and records ``extra_info`` with the suite's common fields plus ``engine
 
 Without the package, a GPU, or capability 8.0, the ``cudnn_fused`` cases skip with the
 reason (:func:`cudnn_skip_reason`); the shapes themselves come from tracing torchvision's
-ResNet-50 on the meta device (:func:`resnet50_conv_shapes`), so they need no GPU.
+ResNet-50 on the meta device
+(:func:`resnet_fast.bench.shapes.resnet50_conv_shapes`), so they need no GPU.
 """
 
 from __future__ import annotations
@@ -38,16 +40,15 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
-from torch import Tensor, nn
+from torch import Tensor
 
 import resnet_fast
+from resnet_fast.bench.shapes import ConvShape, resnet50_conv_shapes
 from resnet_fast.bench.timing import DTYPES, TimingSettings, measure, shape_id
 from resnet_fast.ops.dispatch import BACKEND_NAMES
 
@@ -63,53 +64,6 @@ VARIANTS = (CUDNN_FUSED, CUDNN_UNFUSED, *(f"resnet_fast:{b}" for b in BACKEND_NA
 RACE_DTYPES = ("fp16", "bf16")
 GENSTATS_MIN_CUDNN = 8800  # cudnn backend version that added the statistics-generation node
 FUSED_ENGINE_CAPABILITY = (8, 0)  # cuDNN documents its fused ConvBN engines for sm_80+
-
-
-@dataclass(frozen=True)
-class ConvShape:
-    """One distinct convolution of ResNet-50: ``names`` are its layers in torchvision's model."""
-
-    names: tuple[str, ...]
-    batch: int
-    in_channels: int
-    out_channels: int
-    kernel: int
-    stride: int
-    padding: int
-    size: int  # input height and width
-
-    @property
-    def input_shape(self) -> tuple[int, int, int, int]:
-        return (self.batch, self.in_channels, self.size, self.size)
-
-    @property
-    def weight_shape(self) -> tuple[int, int, int, int]:
-        return (self.out_channels, self.in_channels, self.kernel, self.kernel)
-
-    @property
-    def id(self) -> str:
-        return f"{self.names[0]}-{shape_id(self.input_shape)}-k{self.kernel}s{self.stride}-{self.out_channels}"
-
-
-def resnet50_conv_shapes(batch: int) -> list[ConvShape]:
-    """Every distinct convolution of torchvision's ResNet-50 at ``batch`` (224x224 input),
-    in forward order, found by running the model on the meta device."""
-    model = torchvision.models.resnet50().to("meta")
-    seen: dict[tuple, list[str]] = {}
-
-    def record(name: str) -> Callable:
-        def hook(conv: nn.Conv2d, args: tuple[Tensor, ...], _out: Tensor) -> None:
-            key = (conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.padding[0],
-                   args[0].shape[-1])
-            seen.setdefault(key, []).append(name)
-        return hook
-
-    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    with torch.no_grad():
-        model(torch.empty(batch, 3, 224, 224, device="meta"))
-    for handle in handles:
-        handle.remove()
-    return [ConvShape(tuple(names), batch, *key) for key, names in seen.items()]
 
 
 def cudnn_skip_reason(dtype: str) -> str | None:
@@ -212,14 +166,12 @@ def race_step(variant: str, shape: ConvShape, inputs: dict[str, Tensor]) -> tupl
             y = F.conv2d(torch.relu(i["x"] * i["scale"] + i["bias"]), i["w"], None, shape.stride, shape.padding)
             torch.batch_norm_stats(y, 1e-5)
         return unfused, {"engine": "F.conv2d (cuDNN) + torch.batch_norm_stats"}
-    channels = shape.out_channels
-    weight, bn_bias = torch.ones(channels, device="cuda"), torch.zeros(channels, device="cuda")
-    running_mean, running_var = torch.zeros(channels, device="cuda"), torch.ones(channels, device="cuda")
 
     def ours(i: dict) -> None:
-        resnet_fast.ops.conv_bn_act(i["x"], i["w"], None, weight, bn_bias, running_mean, running_var,
-                                    stride=shape.stride, padding=shape.padding, training=True)
-    return ours, {"engine": "resnet_fast.ops.conv_bn_act"}
+        resnet_fast.ops.conv2d_stats(i["x"], i["w"], stride=shape.stride, padding=shape.padding,
+                                     prologue_scale=i["scale"].view(-1), prologue_shift=i["bias"].view(-1),
+                                     prologue_relu=True)
+    return ours, {"engine": "resnet_fast.ops.conv2d_stats"}
 
 
 SHAPES = resnet50_conv_shapes(BATCH)

@@ -1,6 +1,7 @@
 """The benchmark suite's shared machinery: ``python -m pytest benchmarks --benchmark-json=R.json``.
 
-Levels and files: ``op`` (``bench_batch_norm_act.py``, ``bench_conv_bn_act.py``),
+Levels and files: ``op`` (``bench_batch_norm_act.py``, ``bench_conv_bn_act.py``,
+``bench_conv2d.py``),
 ``block`` (``bench_blocks.py``) and ``model`` (``bench_models.py``). A bench function
 declares its cases with ``@pytest.mark.bench(level=..., gpu_cases=..., cpu_cases=...,
 passes=...)``; :func:`pytest_generate_tests` turns that into one benchmark per target,
@@ -10,8 +11,9 @@ Variants, measured in the same session from the same weights and inputs:
 
 * ``eager`` — stock PyTorch: ``nn.BatchNorm2d`` + add + ``relu``, torchvision's blocks and
   models;
-* ``compile`` — ``torch.compile`` (default mode) of the eager module; dynamo is reset
-  before each, so every case compiles afresh for its own static shapes;
+* ``compile`` — ``torch.compile`` (default mode, unless the case names another) of the eager
+  module; dynamo is reset before each, so every case compiles afresh for its own static
+  shapes;
 * ``rf_<backend>`` — resnet_fast's fused module with ``resnet_fast.set_backend(<backend>)``,
   for every backend of ``resnet_fast.backend_info()``; one that is unavailable, or lacks
   an operator the case needs, is skipped with its reasons as the skip reason.
@@ -55,7 +57,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import pytest
 import torch
@@ -114,8 +116,8 @@ GPU_MARKS = (pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "bench(level, gpu_cases, cpu_cases, passes): a resnet_fast benchmark; gpu_cases(batch) "
-        "and cpu_cases give the cases (each with an ``id``), passes the passes to time")
+        "markers", "bench(level, gpu_cases, cpu_cases, passes, gpu_targets=all): a resnet_fast benchmark; "
+        "gpu_cases(batch) and cpu_cases give the cases (each with an ``id``), passes the passes to time")
     config.stash[SESSION] = BenchSession()
     if not torch.cuda.is_available():
         # Only the CPU smoke run can run: it checks the harness, not CPU speed, and one
@@ -124,9 +126,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def bench_specs(level: str, bench: str, gpu_cases: Callable[[int], list[Any]], cpu_cases: list[Any],
-                passes: tuple[str, ...]) -> list[BenchSpec]:
-    """Every target x case x pass x variant, ``eager`` first within each case."""
-    runs = [(target, gpu_cases(BATCH)) for target in GPU_TARGETS] + [(CPU_TARGET, cpu_cases)]
+                passes: tuple[str, ...], gpu_targets: Sequence[Target] = tuple(GPU_TARGETS)) -> list[BenchSpec]:
+    """Every target x case x pass x variant, ``eager`` first within each case (``gpu_targets``:
+    the GPU targets, all of :data:`GPU_TARGETS` unless the bench marker names fewer)."""
+    runs = [(target, gpu_cases(BATCH)) for target in gpu_targets] + [(CPU_TARGET, cpu_cases)]
     return [BenchSpec(level, bench, case, target, pass_, variant)
             for target, cases in runs for case in cases for pass_ in passes for variant in VARIANTS]
 
@@ -262,7 +265,8 @@ class Workload:
     ``make_inputs`` makes one random input set; ``forward(module, inputs)`` is the forward
     pass; ``train_step(module, target)`` makes the ``train`` pass's step. ``shape`` is the
     input shape; ``operators`` the resnet_fast operators the fused module needs;
-    ``bytes_moved`` / ``flops`` (operators only) the floor's counts.
+    ``bytes_moved`` / ``flops`` (operators only) the floor's counts; ``compile_mode`` the
+    ``torch.compile`` mode of the ``compile`` variant (None: the default mode).
     """
 
     build_eager: Callable[[], nn.Module]
@@ -274,6 +278,7 @@ class Workload:
     operators: tuple[str, ...]
     bytes_moved: int | None = None
     flops: float | None = None
+    compile_mode: str | None = None
 
 
 def skip_reason(spec: BenchSpec, operators: tuple[str, ...]) -> str | None:
@@ -308,7 +313,7 @@ def build_variant(spec: BenchSpec, workload: Workload) -> nn.Module:
         return place(eager, spec.target)
     if spec.variant == "compile":
         torch._dynamo.reset()  # no recompile limit or dynamic shapes carried over from other cases
-        return torch.compile(place(eager, spec.target))
+        return torch.compile(place(eager, spec.target), mode=workload.compile_mode)
     fused = workload.build_fused()
     fused.load_state_dict(eager.state_dict())
     return place(fused, spec.target)

@@ -4,7 +4,7 @@
 # Markdown report, and the profiler. The machine has torch, triton, pytest,
 # pytest-benchmark, rich, tqdm, matplotlib and ninja, and no network.
 #
-#   scripts/gpu_check.sh [STAGE ...]    stages: build tests bench cudnn profile (default: all)
+#   scripts/gpu_check.sh [STAGE ...]    stages: build tests bench convs cudnn profile (default: all)
 #   OUT=dir                             results (default ./gpu-out)
 #   GPU_CHECK_BENCH_K="bf16-nhwc"       pytest -k filter for the benchmark suite
 #   GPU_CHECK_PROFILE_ARGS="..."        extra profiler arguments
@@ -19,19 +19,21 @@
 # race's cuDNN cases skip with the reason and ours are still timed.
 #
 # The stage limits add up to more than one device call's 10 minutes: the first call on a
-# lent GPU should run `build tests`, a second `build bench profile`, a third `build cudnn`
-# (a new machine starts bare, so each call builds; a warm one rebuilds nothing).
+# lent GPU should run `build tests`, a second `build bench profile`, a third `build convs`
+# (the per-layer convolutions, benchmarks/bench_conv2d.py, whose max-autotune compiles
+# take minutes), a fourth `build cudnn` (a new machine starts bare, so each call builds;
+# a warm one rebuilds nothing).
 #
 # What comes back under $OUT (a handful of files, as the device tool returns at most 8):
-# summary.txt, tests.log, BENCHMARKS.md, profile.json, and gpu-results.tar.gz with every
-# log, JSON file and plot.
+# summary.txt, tests.log, BENCHMARKS.md, BENCHMARKS-convs.md, cudnn.log, profile.json, and
+# gpu-results.tar.gz with every log, JSON file and plot.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
 WORK=$(mktemp -d)
 mkdir -p "$OUT" "$WORK/plots"
 export PYTHONUNBUFFERED=1
-stages=${*:-build tests bench cudnn profile}
+stages=${*:-build tests bench convs cudnn profile}
 status=0
 
 note() { echo "$*" | tee -a "$OUT/summary.txt"; }
@@ -78,6 +80,11 @@ for stage in $stages; do
       done
       run_stage report 60 python3 -m resnet_fast.bench.report "$WORK"/bench-*.json \
         -o "$OUT/BENCHMARKS.md" --plots "$WORK/plots" ;;
+    convs)
+      run_stage bench-conv2d 540 python3 -m pytest benchmarks/bench_conv2d.py -m gpu -q -rs -p no:cacheprovider \
+        --benchmark-quiet --benchmark-json="$WORK/bench-conv2d.json"
+      run_stage report-convs 60 python3 -m resnet_fast.bench.report "$WORK/bench-conv2d.json" \
+        -o "$OUT/BENCHMARKS-convs.md" --plots "$WORK/plots" ;;
     cudnn)
       run_stage cudnn 420 python3 -m pytest benchmarks/bench_cudnn_fused.py -m gpu -q -rs -p no:cacheprovider \
         --benchmark-quiet --benchmark-json="$WORK/cudnn-race.json"

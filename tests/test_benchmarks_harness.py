@@ -24,6 +24,7 @@ from resnet_fast.bench.timing import (
     Timer,
     TimingSettings,
     batch_norm_act_bytes,
+    conv2d_stats_bytes,
     conv_bn_act_bytes,
     conv_flops,
     copy_bandwidth,
@@ -35,7 +36,7 @@ from resnet_fast.bench.timing import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHES = {"op": {"bn_relu", "bn_add_relu", "conv_bn_relu", "conv_bn_add_relu"},
+BENCHES = {"op": {"bn_relu", "bn_add_relu", "conv_bn_relu", "conv_bn_add_relu", "conv2d_bias_act", "conv2d_stats"},
            "block": {"basic_block", "bottleneck"}, "model": {"model"}}
 COMMON_FIELDS = {"level", "bench", "case", "variant", "device", "dtype", "layout", "shape", "pass", "median_ms",
                  "times_ms", "timer", "rounds", "input_sets", "peak_memory_bytes", "resident_bytes",
@@ -218,6 +219,20 @@ def test_conv_bn_act_bytes():
     # forward, BatchNorm+ReLU backward (5 or 7 passes over z), data and weight gradients
     assert conv_bn_act_bytes(x, w, z, itemsize, TRAIN, False) == (x + w + 3 * z + 5 * z + 2 * (z + x + w)) * itemsize
     assert conv_bn_act_bytes(x, w, z, itemsize, TRAIN, True) == (x + w + 4 * z + 7 * z + 2 * (z + x + w)) * itemsize
+
+
+def test_conv2d_stats_bytes_read_input_and_weight_and_write_output():
+    assert conv2d_stats_bytes(100, 10, 50, 2) == (100 + 10 + 50) * 2
+
+
+def test_smoke_run_times_the_convolution_operators(smoke_json):
+    infos = {e["name"]: e["extra_info"] for e in smoke_json["benchmarks"]}
+    info = infos["test_conv2d_bias_act[fp32-nchw-block.conv3-2x8x8x8-k1s1-16-infer-rf_torch]"]
+    assert info["bytes_moved"] == (2 * 8 * 8 * 8 + 16 * 8 + 2 * (2 * 16 * 8 * 8)) * 4  # x, w, residual, y
+    assert info["flops"] == 2 * (2 * 16 * 8 * 8) * 8 and info["tflops"] > 0
+    info = infos["test_conv2d_stats[fp32-nchw-conv3x3-2x8x8x8-k3s1-8-fwd-eager]"]
+    assert info["bytes_moved"] == (2 * 8 * 8 * 8 + 8 * 8 * 9 + 2 * 8 * 8 * 8) * 4
+    assert info["flops"] == 2 * (2 * 8 * 8 * 8) * 8 * 9
 
 
 def test_conv_flops():

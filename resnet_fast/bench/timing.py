@@ -323,6 +323,13 @@ def conv_bn_act_bytes(input_elements: int, weight_elements: int, output_elements
     return elements * itemsize
 
 
+def conv2d_stats_bytes(input_elements: int, weight_elements: int, output_elements: int, itemsize: int) -> int:
+    """Bytes ``conv2d(relu(x * scale + shift), w)`` with its per-channel statistics must move:
+    read x and w, write y (``x + w + z`` elements); the prologue is applied while loading x,
+    the statistics summed in the convolution's epilogue, the per-channel vectors not counted."""
+    return (input_elements + weight_elements + output_elements) * itemsize
+
+
 def conv_flops(output_shape: Sequence[int], in_channels: int, kernel_size: Sequence[int], groups: int,
                pass_: str) -> float:
     """Floating-point operations of a convolution: ``2 N C_out H_out W_out (C_in / groups) k_h k_w``
