@@ -14,6 +14,12 @@ output's mask after asserting that the masks differ only at such elements.
 
 from __future__ import annotations
 
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -83,6 +89,32 @@ def poisoned_empty(*args, **kwargs) -> torch.Tensor:
     allocator."""
     t = torch.empty(*args, **kwargs)
     return t.fill_(float("nan")) if t.is_floating_point() else t
+
+
+TRITON_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def run_cpu_tests_in_triton_interpreter(test_file: str, min_passed: int) -> None:
+    """Run the ``cpu`` tests of ``test_file`` in a fresh process with TRITON_INTERPRET=1
+    (Triton reads it at import) and assert that at least ``min_passed`` passed, none failed."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    path = Path(test_file).resolve()
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", str(path), "-q", "-k", "cpu", "-m", "not gpu",
+         "-p", "no:cacheprovider", "-rf", "--no-header"],
+        cwd=path.parents[1], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    passed = int(summary.split(" passed")[0].split()[-1])
+    assert passed >= min_passed and "failed" not in summary, summary
+
+
+def import_kernel_module(name: str):
+    """A Triton kernel module, checked to be interpreted in the interpreter process."""
+    module = importlib.import_module(name)
+    if TRITON_INTERPRETER and not module.INTERPRETED:
+        pytest.fail(f"{name}'s kernels are not interpreted although TRITON_INTERPRET=1")
+    return module
 
 
 def pytest_configure(config):

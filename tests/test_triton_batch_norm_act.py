@@ -17,17 +17,20 @@ so an element a kernel forgot to write fails the comparison.
 
 from __future__ import annotations
 
-import importlib
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import test_batch_norm_act as bn_tests
 import test_conv_bn_act as conv_tests
 import torch
-from conftest import assert_close_to_reference, poisoned_empty, random_input, relu_with_mask_of, requires_gpu
+from conftest import (
+    TRITON_INTERPRETER,
+    assert_close_to_reference,
+    import_kernel_module,
+    poisoned_empty,
+    random_input,
+    relu_with_mask_of,
+    requires_gpu,
+    run_cpu_tests_in_triton_interpreter,
+)
 
 import resnet_fast
 from resnet_fast.nn import BatchNormAct2d
@@ -35,9 +38,8 @@ from resnet_fast.ops import dispatch
 
 KERNEL_MODULE = "resnet_fast.kernels.batch_norm_act"
 ON_GPU = torch.cuda.is_available()
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 in_interpreter_process = pytest.mark.skipif(
-    not INTERPRETER, reason="runs in a fresh TRITON_INTERPRET=1 process (test_interpreter_run)")
+    not TRITON_INTERPRETER, reason="runs in a fresh TRITON_INTERPRET=1 process (test_interpreter_run)")
 # CPU through the Triton interpreter; CUDA as a marked test.
 DEVICES = [pytest.param("cpu", marks=in_interpreter_process),
            pytest.param("cuda", marks=[pytest.mark.gpu, requires_gpu])]
@@ -57,29 +59,17 @@ SMALL_TILES = {"TILE": 16, "BACKWARD_TILE": 16, "ELEMENTWISE_TILE": 64, "MAX_BLO
                "MIN_TILES_PER_SPLIT": 3, "COMBINE_BLOCK_S": 4, "COMBINE_BLOCK_C": 4}
 
 
-@pytest.mark.skipif(INTERPRETER, reason="this is the interpreter process")
+@pytest.mark.skipif(TRITON_INTERPRETER, reason="this is the interpreter process")
 @pytest.mark.skipif(ON_GPU, reason="with a GPU the kernels are tested on it")
 def test_interpreter_run():
     """Every ``cpu`` test of this file, in a fresh process with TRITON_INTERPRET=1."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = Path(__file__).resolve().parents[1]
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-k", "cpu", "-m", "not gpu",
-         "-p", "no:cacheprovider", "-rf", "--no-header"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    summary = result.stdout.strip().splitlines()[-1]
-    passed = int(summary.split(" passed")[0].split()[-1])
-    assert passed >= 120 and "failed" not in summary, summary  # 141 when this was written
+    run_cpu_tests_in_triton_interpreter(__file__, min_passed=120)  # 141 when this was written
 
 
 @pytest.fixture(scope="module")
 def kernels():
     """The kernel module (its kernels interpreted in the interpreter process)."""
-    module = importlib.import_module(KERNEL_MODULE)
-    if INTERPRETER and not module.INTERPRETED:
-        pytest.fail(f"{KERNEL_MODULE}'s kernels are not interpreted although TRITON_INTERPRET=1")
-    return module
+    return import_kernel_module(KERNEL_MODULE)
 
 
 @pytest.fixture(autouse=True)

@@ -11,17 +11,24 @@ allocate is poisoned with NaN first.
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_to_reference, poisoned_empty, random_input, relu_with_mask_of, requires_gpu
+from conftest import (
+    TRITON_INTERPRETER,
+    assert_close_to_reference,
+    import_kernel_module,
+    poisoned_empty,
+    random_input,
+    relu_with_mask_of,
+    requires_gpu,
+    run_cpu_tests_in_triton_interpreter,
+)
 
 import resnet_fast
 from resnet_fast.ops import dispatch, reference
@@ -29,9 +36,8 @@ from resnet_fast.ops.conv2d_stats import conv2d_stats
 
 KERNEL_MODULE = "resnet_fast.kernels.conv2d"
 ON_GPU = torch.cuda.is_available()
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 in_interpreter_process = pytest.mark.skipif(
-    not INTERPRETER, reason="runs in a fresh TRITON_INTERPRET=1 process (test_interpreter_run)")
+    not TRITON_INTERPRETER, reason="runs in a fresh TRITON_INTERPRET=1 process (test_interpreter_run)")
 DEVICES = [pytest.param("cpu", marks=in_interpreter_process),
            pytest.param("cuda", marks=[pytest.mark.gpu, requires_gpu])]
 SMALL_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
@@ -67,28 +73,17 @@ def _interpreter_skips(device: str, dtype: torch.dtype, channels_last: bool, var
         pytest.skip(f"interpreter time: float16 runs {', '.join(float16)}")
 
 
-@pytest.mark.skipif(INTERPRETER, reason="this is the interpreter process")
+@pytest.mark.skipif(TRITON_INTERPRETER, reason="this is the interpreter process")
 @pytest.mark.skipif(ON_GPU, reason="with a GPU the kernels are tested on it")
 def test_interpreter_run():
     """Every ``cpu`` test of this file, in a fresh process with TRITON_INTERPRET=1."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = Path(__file__).resolve().parents[1]
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-k", "cpu", "-m", "not gpu",
-         "-p", "no:cacheprovider", "-rf", "--no-header"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    summary = result.stdout.strip().splitlines()[-1]
-    passed = int(summary.split(" passed")[0].split()[-1])
-    assert passed >= 60 and "failed" not in summary, summary
+    run_cpu_tests_in_triton_interpreter(__file__, min_passed=60)
 
 
 @pytest.fixture(scope="module")
 def kernels():
-    module = importlib.import_module(KERNEL_MODULE)
-    if INTERPRETER and not module.INTERPRETED:
-        pytest.fail(f"{KERNEL_MODULE}'s kernels are not interpreted although TRITON_INTERPRET=1")
-    return module
+    """The kernel module (its kernels interpreted in the interpreter process)."""
+    return import_kernel_module(KERNEL_MODULE)
 
 
 @pytest.fixture(autouse=True)
