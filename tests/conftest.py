@@ -83,6 +83,23 @@ def random_input(shape, dtype, channels_last: bool, *, scale: float = 1.0, shift
     return x
 
 
+def stock_conv_bn_act(conv, bn, relu: bool, mask_of: torch.Tensor | None = None):
+    """``fn(x, residual)``: stock torch ``relu(bn(conv(x)) + residual)``; with ``mask_of``
+    (the tested output) the ReLU uses that output's mask (:func:`relu_with_mask_of`)."""
+    def fn(x, residual):
+        y = bn(conv(x))
+        y = y if residual is None else y + residual
+        if not relu:
+            return y
+        return torch.relu(y) if mask_of is None else relu_with_mask_of(y, mask_of)
+    return fn
+
+
+def conv_bn_parameters(conv, bn) -> list[tuple[str, torch.Tensor]]:
+    """(name, parameter) of a conv + BN pair under ``ConvBNAct2d``'s names (``conv.*``, ``bn.*``)."""
+    return [(f"conv.{n}", p) for n, p in conv.named_parameters()] + [(f"bn.{n}", p) for n, p in bn.named_parameters()]
+
+
 def poisoned_empty(*args, **kwargs) -> torch.Tensor:
     """``torch.empty`` filled with NaN (floating point): a kernel that leaves any element
     of its output unwritten fails the comparison. Tests swap it in for a launcher's
@@ -92,6 +109,13 @@ def poisoned_empty(*args, **kwargs) -> torch.Tensor:
 
 
 TRITON_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+_in_interpreter_process = pytest.mark.skipif(
+    not TRITON_INTERPRETER, reason="runs in a fresh TRITON_INTERPRET=1 process (test_interpreter_run)")
+# Triton kernel tests: ``cpu`` only inside the interpreter process, ``cuda`` on a GPU.
+TRITON_DEVICES = [pytest.param("cpu", marks=_in_interpreter_process),
+                  pytest.param("cuda", marks=[pytest.mark.gpu, requires_gpu])]
 
 
 def run_cpu_tests_in_triton_interpreter(test_file: str, min_passed: int) -> None:

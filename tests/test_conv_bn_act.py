@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, DTYPES, assert_close_to_reference, random_input, relu_with_mask_of
+from conftest import (
+    DEVICES,
+    DTYPES,
+    assert_close_to_reference,
+    conv_bn_parameters,
+    random_input,
+    stock_conv_bn_act,
+)
 from torch import nn
 
 from resnet_fast.nn import ConvBNAct2d
@@ -69,22 +76,9 @@ def test_matches_float64_reference(dtype, channels_last, conv, residual, relu, t
     for m in (conv64, bn64, conv_same, bn_same, ours):
         m.train(training).to(device)
 
-    def torch_fn(conv_m, bn_m, mask_of=None):
-        """Stock torch; with ``mask_of``, the float64 reference using that output's ReLU mask."""
-        def fn(a, r):
-            y = bn_m(conv_m(a))
-            y = y if r is None else y + r
-            if not relu:
-                return y
-            return torch.relu(y) if mask_of is None else relu_with_mask_of(y, mask_of)
-        return fn
-
-    def named(conv_m, bn_m):
-        return [(f"conv.{n}", q) for n, q in conv_m.named_parameters()] + [(f"bn.{n}", q) for n, q in bn_m.named_parameters()]
-
-    out, grads = _run(lambda a, r: ours(a, r), named(ours.conv, ours.bn), x, res)
-    same_out, same_grads = _run(torch_fn(conv_same, bn_same), named(conv_same, bn_same), x, res)
-    ref_out, ref_grads = _run(torch_fn(conv64, bn64, mask_of=out), named(conv64, bn64), x.double(),
+    out, grads = _run(lambda a, r: ours(a, r), conv_bn_parameters(ours.conv, ours.bn), x, res)
+    same_out, same_grads = _run(stock_conv_bn_act(conv_same, bn_same, relu), conv_bn_parameters(conv_same, bn_same), x, res)
+    ref_out, ref_grads = _run(stock_conv_bn_act(conv64, bn64, relu, mask_of=out), conv_bn_parameters(conv64, bn64), x.double(),
                               None if res is None else res.double())
 
     assert out.dtype == dtype

@@ -22,7 +22,7 @@ import os
 
 import pytest
 import torch
-from conftest import assert_close_to_reference, random_input, relu_with_mask_of
+from conftest import assert_close_to_reference, conv_bn_parameters, random_input, relu_with_mask_of, stock_conv_bn_act
 from torch import nn
 
 import resnet_fast.ops  # noqa: F401  defines the operators and loads resnet_fast._C when built
@@ -517,22 +517,10 @@ def test_conv_module_matches_float64_reference(cuda_backend, dtype, layout, trai
     x = random_input((4, 8, 15, 15), dtype, channels_last, generator=g, device="cuda")
     res = random_input((4, 16, 8, 8), dtype, channels_last, generator=g, device="cuda") if residual else None
 
-    def stock(conv, bn, mask_of=None):
-        def fn(a, r):
-            y = bn(conv(a))
-            y = y if r is None else y + r
-            if not relu:
-                return y
-            return torch.relu(y) if mask_of is None else relu_with_mask_of(y, mask_of)
-        return fn
-
-    def named(conv, bn):
-        return [(f"conv.{n}", p) for n, p in conv.named_parameters()] + \
-            [(f"bn.{n}", p) for n, p in bn.named_parameters()]
 
     out, grads = _run(lambda a, r: ours(a, r), ours.named_parameters(), x, res)
-    same_out, same_grads = _run(stock(conv_same, bn_same), named(conv_same, bn_same), x, res)
-    ref_out, ref_grads = _run(stock(conv64, bn64, mask_of=out), named(conv64, bn64), x.double(),
+    same_out, same_grads = _run(stock_conv_bn_act(conv_same, bn_same, relu), conv_bn_parameters(conv_same, bn_same), x, res)
+    ref_out, ref_grads = _run(stock_conv_bn_act(conv64, bn64, relu, mask_of=out), conv_bn_parameters(conv64, bn64), x.double(),
                               None if res is None else res.double())
     assert out.dtype == dtype
     assert_close_to_reference(out, ref_out, same_out, "output")

@@ -22,6 +22,7 @@ import test_batch_norm_act as bn_tests
 import test_conv_bn_act as conv_tests
 import torch
 from conftest import (
+    TRITON_DEVICES,
     TRITON_INTERPRETER,
     assert_close_to_reference,
     import_kernel_module,
@@ -38,11 +39,7 @@ from resnet_fast.ops import dispatch
 
 KERNEL_MODULE = "resnet_fast.kernels.batch_norm_act"
 ON_GPU = torch.cuda.is_available()
-in_interpreter_process = pytest.mark.skipif(
-    not TRITON_INTERPRETER, reason="runs in a fresh TRITON_INTERPRET=1 process (test_interpreter_run)")
-# CPU through the Triton interpreter; CUDA as a marked test.
-DEVICES = [pytest.param("cpu", marks=in_interpreter_process),
-           pytest.param("cuda", marks=[pytest.mark.gpu, requires_gpu])]
+DEVICES = TRITON_DEVICES
 
 
 def _dtypes(device: str) -> list[torch.dtype]:

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
+    TRITON_DEVICES,
     TRITON_INTERPRETER,
     assert_close_to_reference,
     import_kernel_module,
@@ -36,10 +37,7 @@ from resnet_fast.ops.conv2d_stats import conv2d_stats
 
 KERNEL_MODULE = "resnet_fast.kernels.conv2d"
 ON_GPU = torch.cuda.is_available()
-in_interpreter_process = pytest.mark.skipif(
-    not TRITON_INTERPRETER, reason="runs in a fresh TRITON_INTERPRET=1 process (test_interpreter_run)")
-DEVICES = [pytest.param("cpu", marks=in_interpreter_process),
-           pytest.param("cuda", marks=[pytest.mark.gpu, requires_gpu])]
+DEVICES = TRITON_DEVICES
 SMALL_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
 
 # (C_in, C_out, kernel, stride, padding, H): every ResNet convolution kind, tiny; channel
