@@ -21,6 +21,9 @@ default 256, NHWC) this file times, in fp16 and bf16:
   loading and sums in the convolution's epilogue, the ``cuda`` backend runs a prologue
   kernel, cuDNN and a statistics kernel). A backend that cannot run it is skipped with
   its reasons.
+* ``resnet_fast:conv2d_tensor_core`` — our CUDA C++ kernel itself
+  (``torch.ops.resnet_fast.conv2d_tensor_core``, WMMA, the one the ``cuda`` backend runs on
+  sm_7x), called directly so that it races on any GPU; fp16 only (skipped for bf16).
 
 Everything is forward only, no autograd. Each case runs through the suite's timer
 (:func:`resnet_fast.bench.timing.measure`: CUDA events, warm-up calls untimed, input sets
@@ -60,7 +63,8 @@ INPUT_SETS = 3
 
 CUDNN_FUSED = "cudnn_fused"
 CUDNN_UNFUSED = "cudnn_conv_then_stats"
-VARIANTS = (CUDNN_FUSED, CUDNN_UNFUSED, *(f"resnet_fast:{b}" for b in BACKEND_NAMES if b != "torch"))
+TENSOR_CORE = "resnet_fast:conv2d_tensor_core"
+VARIANTS = (CUDNN_FUSED, CUDNN_UNFUSED, *(f"resnet_fast:{b}" for b in BACKEND_NAMES if b != "torch"), TENSOR_CORE)
 RACE_DTYPES = ("fp16", "bf16")
 GENSTATS_MIN_CUDNN = 8800  # cudnn backend version that added the statistics-generation node
 FUSED_ENGINE_CAPABILITY = (8, 0)  # cuDNN documents its fused ConvBN engines for sm_80+
@@ -167,6 +171,16 @@ def race_step(variant: str, shape: ConvShape, inputs: dict[str, Tensor]) -> tupl
             torch.batch_norm_stats(y, 1e-5)
         return unfused, {"engine": "F.conv2d (cuDNN) + torch.batch_norm_stats"}
 
+    if variant == TENSOR_CORE:
+        if x.dtype != torch.float16:
+            pytest.skip("conv2d_tensor_core is float16 only (the sm_7x tensor cores have no bfloat16)")
+
+        def tensor_core(i: dict) -> None:
+            torch.ops.resnet_fast.conv2d_tensor_core(
+                i["x"], i["w"], None, None, i["scale"].view(-1), i["bias"].view(-1), [shape.stride] * 2,
+                [shape.padding] * 2, [1, 1], True, False, True)
+        return tensor_core, {"engine": "resnet_fast::conv2d_tensor_core (WMMA)"}
+
     def ours(i: dict) -> None:
         resnet_fast.ops.conv2d_stats(i["x"], i["w"], stride=shape.stride, padding=shape.padding,
                                      prologue_scale=i["scale"].view(-1), prologue_shift=i["bias"].view(-1),
@@ -185,7 +199,7 @@ def test_conv_genstats(benchmark: Any, dtype: str, shape: ConvShape, variant: st
     """One (dtype, convolution, variant) of the race; see the module docstring."""
     if variant == CUDNN_FUSED and (reason := cudnn_skip_reason(dtype)):
         pytest.skip(reason)
-    backend = variant.split(":")[1] if variant.startswith("resnet_fast:") else None
+    backend = variant.split(":")[1] if variant.startswith("resnet_fast:") and variant != TENSOR_CORE else None
     torch.manual_seed(0)
     inputs = make_inputs(shape, DTYPES[dtype])
     previous = resnet_fast.get_backend()

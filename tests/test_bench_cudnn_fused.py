@@ -62,7 +62,7 @@ def test_every_race_case_is_a_gpu_benchmark(bench):
     marks = [m for m in bench.test_conv_genstats.pytestmark if m.name == "parametrize"]
     params = {m.args[0]: m.args[1] for m in marks}
     assert set(params["variant"]) == {"cudnn_fused", "cudnn_conv_then_stats", "resnet_fast:cuda",
-                                      "resnet_fast:triton"}
+                                      "resnet_fast:triton", "resnet_fast:conv2d_tensor_core"}
     assert [p.values[0] for p in params["dtype"]] == ["fp16", "bf16"]
     assert all(any(mark.name == "gpu" for mark in p.marks) for p in params["dtype"])
     assert len(params["shape"]) == 23

@@ -65,7 +65,9 @@ def test_extension_imports_and_registers_cuda_kernel():
 
     assert extension_load_error() is None, extension_load_error()
     importlib.import_module("resnet_fast._C")
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("resnet_fast::batch_norm_stats", "CUDA")
+    for op in ("batch_norm_stats", "batch_norm_act_apply", "batch_norm_act_backward_reduce",
+               "batch_norm_act_backward_apply", "conv2d_tensor_core"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"resnet_fast::{op}", "CUDA"), op
 
 
 def test_cuda_kernel_sits_beside_the_python_schema():

@@ -9,11 +9,19 @@
     at most one rounding of the bias. Without ReLU (a downsample shortcut), cuDNN's
     convolution with bias, plus the residual when there is one.
 ``conv2d_stats`` (training: BatchNorm prologue, statistics epilogue)
-    the prologue ``relu(x * scale + shift)`` by the ``batch_norm_act_apply`` CUDA kernel
-    (with mean = 0, var = 1, eps = 0 its per-channel scale and shift are exactly
-    ``scale`` and ``shift``), cuDNN's convolution, then the ``batch_norm_stats`` CUDA
-    kernel: three kernels where the ``triton`` backend runs one, so the prologue's output
-    makes a round trip through memory here.
+    on compute capability 7.x (V100, T4) with float16 channels_last input: our
+    tensor-core kernel ``resnet_fast::conv2d_tensor_core`` (WMMA; prologue applied while
+    loading, statistics from the float32 accumulators, one kernel plus a per-channel
+    merge), because the ``triton`` backend's ``tl.dot`` has no tensor cores there.
+    Otherwise the prologue ``relu(x * scale + shift)`` by the ``batch_norm_act_apply``
+    CUDA kernel (with mean = 0, var = 1, eps = 0 its per-channel scale and shift are
+    exactly ``scale`` and ``shift``), cuDNN's convolution, then the ``batch_norm_stats``
+    CUDA kernel: three kernels where the ``triton`` backend runs one, so the prologue's
+    output makes a round trip through memory.
+
+``conv2d_bias_act`` stays on cuDNN's fused engine on every GPU (already one kernel; our
+kernel's inference epilogue, ``conv2d_tensor_core(..., stats=False)``, is raced against it
+in ``benchmarks/bench_cudnn_fused.py``). No GPU measurement has chosen between them yet.
 
 Both have the ``torch`` backend's signatures (:mod:`resnet_fast.ops.reference`).
 """
@@ -26,8 +34,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from resnet_fast.ops import conv2d_tensor_core  # noqa: F401  defines resnet_fast::conv2d_tensor_core
 from resnet_fast.ops.common import accumulation_dtype, output_memory_format
-from resnet_fast.ops.dispatch import register_kernel
+from resnet_fast.ops.dispatch import device_capability, register_kernel
+
+TENSOR_CORE_KERNEL_BELOW = (8, 0)
+"""Compute capabilities below this run ``conv2d_stats`` through ``conv2d_tensor_core``."""
+
+
+def uses_tensor_core_kernel(x: Tensor, weight: Tensor, capability: tuple[int, int]) -> bool:
+    """Whether ``conv2d_stats`` on ``x`` runs our WMMA kernel on a GPU of ``capability``:
+    float16 input and weight, channels_last input, capability 7.x."""
+    return (x.dtype == torch.float16 and weight.dtype == torch.float16
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and (7, 0) <= tuple(capability) < TENSOR_CORE_KERNEL_BELOW)
+
+
+def _runs_tensor_core_kernel(x: Tensor, weight: Tensor) -> bool:
+    return x.is_cuda and uses_tensor_core_kernel(x, weight, device_capability(x.device))
 
 
 @register_kernel("cuda", "conv2d_bias_act")
@@ -70,7 +94,12 @@ def conv2d_stats(
     prologue_shift: Tensor | None,
     prologue_relu: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Prologue kernel, cuDNN convolution, statistics kernel; returns (out, mean, var)."""
+    """Our tensor-core kernel on sm_7x, else prologue kernel, cuDNN convolution, statistics
+    kernel; returns (out, mean, var)."""
+    if _runs_tensor_core_kernel(x, weight):
+        return torch.ops.resnet_fast.conv2d_tensor_core(
+            x, weight, None, None, prologue_scale, prologue_shift, list(stride), list(padding), list(dilation),
+            prologue_relu, False, True)
     if prologue_scale is not None:
         acc = accumulation_dtype(x.dtype)
         zeros = torch.zeros(x.shape[1], dtype=acc, device=x.device)
