@@ -10,8 +10,9 @@ Opt-in training pattern (``block.fused_training = True``, or :func:`enable_fused
 on a whole model): each convolution runs as ``resnet_fast::conv2d_stats``, whose epilogue
 gives its BatchNorm's batch statistics, and the next convolution applies that BatchNorm
 and the ReLU in its prologue, so the normalised activations inside the block are never
-written (nor saved: backward recomputes them). The last BatchNorm, the shortcut's and the
-residual add + ReLU run as one elementwise step in plain PyTorch. Blocks whose layers do
+written (nor saved: backward recomputes them). The last BatchNorm, the residual add and
+the ReLU are one ``resnet_fast::scale_shift_act`` (one pass forward, two backward, by the
+BatchNorm stage kernels on CUDA), the shortcut's BatchNorm another. Blocks whose layers do
 not qualify (:func:`~resnet_fast.nn.conv_bn_act.is_stats_fusable`) run as before.
 """
 
@@ -23,12 +24,12 @@ from torch import Tensor, nn
 
 from resnet_fast.nn.batch_norm_act import BatchNormAct2d
 from resnet_fast.nn.conv_bn_act import (
-    apply_scale_shift,
     conv_bn_act_forward,
     conv_stats_forward,
     is_fusable,
     is_stats_fusable,
 )
+from resnet_fast.ops.scale_shift_act import scale_shift_act
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -72,8 +73,8 @@ def fused_training_forward(block: nn.Module, pairs: list[tuple[nn.Module, nn.Mod
     if block.downsample is None:
         identity = x
     else:
-        identity = apply_scale_shift(*conv_stats_forward(x, *block.downsample))
-    return apply_scale_shift(y, scale, shift, residual=identity, relu=True)
+        identity = scale_shift_act(*conv_stats_forward(x, *block.downsample))
+    return scale_shift_act(y, scale, shift, residual=identity, relu=True)
 
 
 def enable_fused_training(model: nn.Module, enabled: bool = True) -> int:

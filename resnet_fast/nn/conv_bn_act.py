@@ -205,7 +205,7 @@ def conv_stats_forward(
     from them as ``nn.BatchNorm2d`` does. Returns (y, scale, shift): ``bn`` in the form
     ``bn(y) = y * scale + shift`` per channel (scale = gamma / sqrt(var + eps),
     shift = beta - mean * scale, differentiable in gamma, beta and the statistics), for the
-    next convolution's prologue or a final elementwise step.
+    next convolution's prologue or a final ``resnet_fast::scale_shift_act``.
     """
     weight = conv.weight
     dtype = _autocast_dtype(x)
@@ -224,16 +224,6 @@ def conv_stats_forward(
     if bn.bias is not None:
         bn_shift = bn_shift + bn.bias.to(var.dtype)
     return y, bn_scale, bn_shift
-
-
-def apply_scale_shift(y: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None = None,
-                      relu: bool = False) -> Tensor:
-    """``relu(y * scale + shift + residual)`` per channel (a BatchNorm in scale/shift form),
-    computed in the statistics dtype and returned in y's dtype."""
-    out = y.to(scale.dtype) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
-    if residual is not None:
-        out = out + residual.to(out.dtype)
-    return (torch.relu(out) if relu else out).to(y.dtype)
 
 
 class ConvBNAct2d(nn.Module):

@@ -18,6 +18,7 @@ from resnet_fast.ops.dispatch import (
     get_backend,
     set_backend,
 )
+from resnet_fast.ops.scale_shift_act import scale_shift_act
 from resnet_fast.ops.sync_batch_norm_act import sync_batch_norm_act
 
 extension_load_error()  # adds the CUDA kernels of resnet_fast._C when it was built
@@ -32,6 +33,7 @@ __all__ = [
     "conv_bn_act",
     "get_backend",
     "reference",
+    "scale_shift_act",
     "set_backend",
     "sync_batch_norm_act",
 ]

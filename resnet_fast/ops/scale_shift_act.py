@@ -1,0 +1,100 @@
+"""``resnet_fast::scale_shift_act`` — a BatchNorm in scale/shift form, + residual, + ReLU.
+
+    out = relu(input * scale + shift + residual)        per channel (residual, ReLU optional)
+
+The last step of a block trained with ``fused_training`` (:mod:`resnet_fast.nn.blocks`):
+``scale`` and ``shift`` come from a ``conv2d_stats`` epilogue's statistics
+(scale = gamma / sqrt(var + eps), shift = beta - mean * scale), so autograd carries their
+gradients back to gamma, beta and the statistics. It is the BatchNorm stage operators
+with mean = 0, var = 1, eps = 0, whose per-channel coefficients are then exactly
+``scale`` and ``shift``; on CUDA tensors their kernels run it, one pass each way:
+
+forward   ``batch_norm_act_apply``: reads input (and residual), writes out.
+backward  ``batch_norm_act_backward_reduce``: grad_shift = sum(g'), grad_scale =
+          sum(g' * input) with g' = grad_out * (out > 0) under the ReLU (reads grad_out,
+          input, out); ``batch_norm_act_backward_apply`` in evaluation form: grad_input =
+          g' * scale and grad_residual = g' (reads grad_out and out, writes both).
+
+Plain PyTorch takes four elementwise kernels forward and about as many backward, each
+reading and writing a whole activation. The arithmetic is float32 (float64 for float64
+input), the output has the input's dtype and memory format. Double backward is not
+supported.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from resnet_fast.ops import batch_norm_act_stages  # noqa: F401  defines the stage operators
+from resnet_fast.ops.common import check_input_4d, check_per_channel, check_same_device, output_memory_format
+
+_stage = torch.ops.resnet_fast
+
+
+def _check(input: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None) -> None:
+    check_input_4d("input", input)
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is None:
+            raise ValueError(f"{name} is required")
+        check_per_channel(name, t, input.shape[1])
+    if residual is not None and residual.shape != input.shape:
+        raise ValueError(f"residual must have the input's shape {tuple(input.shape)}, got {tuple(residual.shape)}")
+    check_same_device(input, scale=scale, shift=shift, residual=residual)
+
+
+def _identity_statistics(scale: Tensor) -> tuple[Tensor, Tensor]:
+    """mean = 0 and var = 1: with eps = 0 the stage operators' coefficients are scale and shift."""
+    return torch.zeros_like(scale), torch.ones_like(scale)
+
+
+@torch.library.custom_op("resnet_fast::scale_shift_act", mutates_args=())
+def scale_shift_act_op(input: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
+    """Returns ``relu(input * scale + shift + residual)``."""
+    _check(input, scale, shift, residual)
+    zeros, ones = _identity_statistics(scale)
+    return _stage.batch_norm_act_apply(input, zeros, ones, scale, shift, residual, 0.0, relu)
+
+
+@scale_shift_act_op.register_fake
+def _(input, scale, shift, residual, relu):
+    _check(input, scale, shift, residual)
+    return torch.empty(input.shape, dtype=input.dtype, device=input.device,
+                       memory_format=output_memory_format(input))
+
+
+def _setup_context(ctx, inputs, output):
+    input, scale, shift, residual, relu = inputs
+    ctx.save_for_backward(input, scale, output if relu else None)
+    ctx.relu = relu
+    ctx.dtypes = (scale.dtype, shift.dtype, None if residual is None else residual.dtype)
+
+
+def _backward(ctx, grad_out):
+    input, scale, out = ctx.saved_tensors
+    need_input, need_scale, need_shift, need_residual = ctx.needs_input_grad[:4]
+    scale_dtype, shift_dtype, residual_dtype = ctx.dtypes
+    zeros, ones = _identity_statistics(scale)
+    sum_g, sum_g_input = _stage.batch_norm_act_backward_reduce(grad_out, input, zeros, ones, out, 0.0, ctx.relu)
+    grad_input = masked = None
+    # Without the ReLU, g' is grad_out itself: no kernel writes a copy of it.
+    need_masked = need_residual and ctx.relu
+    if need_input or need_masked:
+        grad_input, masked = _stage.batch_norm_act_backward_apply(
+            grad_out, input, scale, zeros, ones, out, sum_g, sum_g_input, False, 0.0, ctx.relu, need_masked)
+        grad_input = grad_input if need_input else None
+    grad_residual = (masked if ctx.relu else grad_out).to(residual_dtype) if need_residual else None
+    grad_scale = sum_g_input.to(scale_dtype) if need_scale else None
+    grad_shift = sum_g.to(shift_dtype) if need_shift else None
+    return grad_input, grad_scale, grad_shift, grad_residual, None
+
+
+scale_shift_act_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def scale_shift_act(input: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None = None,
+                    relu: bool = False) -> Tensor:
+    """``relu(input * scale + shift + residual)`` per channel, differentiable in every tensor."""
+    return scale_shift_act_op(input, scale, shift, residual, relu)
