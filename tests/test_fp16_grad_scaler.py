@@ -20,6 +20,7 @@ from conftest import requires_gpu
 from torch import nn
 
 import resnet_fast
+from resnet_fast.ops import conv2d_cuda
 
 OVERFLOWING_SCALE = 2.0**40  # d(scaled loss)/d(logits) ~ 2^40 / batch: far past fp16's 65504
 
@@ -133,13 +134,25 @@ def learnable_batches(steps: int, batch: int, device: str, seed: int = 0):
 
 @pytest.mark.gpu
 @requires_gpu
-@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
-def test_resnet20_trains_in_fp16_with_a_grad_scaler(backend):
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton", "cuda-sm75-fused"])
+def test_resnet20_trains_in_fp16_with_a_grad_scaler(backend, monkeypatch):
     """300 fp16 steps of CIFAR ResNet-20: the loss falls, no running statistic or
-    parameter goes non-finite, and the scaler skips only a few steps."""
+    parameter goes non-finite, and the scaler skips only a few steps.
+
+    ``cuda-sm75-fused``: the V100/T4 path on this GPU: the cuda backend with the device
+    reported as sm_75 and fused training on, so every block convolution runs our WMMA
+    kernel ``conv2d_tensor_core`` with its prologue and statistics epilogue."""
     torch.manual_seed(0)
-    resnet_fast.set_backend(backend)
     model = resnet_fast.resnet20().cuda().to(memory_format=torch.channels_last).train()
+    tensor_core_calls = []
+    if backend == "cuda-sm75-fused":
+        original = torch.ops.resnet_fast.conv2d_tensor_core
+        monkeypatch.setattr(conv2d_cuda, "device_capability", lambda device: (7, 5))
+        monkeypatch.setattr(torch.ops.resnet_fast, "conv2d_tensor_core",
+                            lambda *args: tensor_core_calls.append(1) or original(*args))
+        assert resnet_fast.nn.enable_fused_training(model) > 0
+        backend = "cuda"
+    resnet_fast.set_backend(backend)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     scaler = torch.amp.GradScaler("cuda")
     losses, skipped = [], 0
@@ -153,3 +166,5 @@ def test_resnet20_trains_in_fp16_with_a_grad_scaler(backend):
     assert last < 0.5 * first, (first, last)
     assert skipped <= 15, skipped
     assert all(p.isfinite().all() for p in model.parameters())
+    if tensor_core_calls:
+        assert len(tensor_core_calls) >= 300  # at least one WMMA convolution in every step
