@@ -16,6 +16,7 @@ from torchvision.models import resnet as tv_resnet
 from resnet_fast.nn import BasicBlock, Bottleneck, ConvBNAct2d, enable_fused_training
 from resnet_fast.nn import conv_bn_act as conv_bn_act_module
 from resnet_fast.nn.conv_bn_act import _FOLD_CACHE
+from resnet_fast.ops import reference
 from resnet_fast.ops.conv2d_bias_act import conv2d_bias_act, conv2d_bias_act_op
 from resnet_fast.ops.conv2d_stats import conv2d_stats, conv2d_stats_op
 
@@ -165,6 +166,24 @@ def test_gradcheck():
     # shift keeps pre-activations away from the ReLU kink for finite differences
     assert torch.autograd.gradcheck(
         lambda x, w, sc, sh: conv2d_stats_op(x, w, [1, 1], [1, 1], [1, 1], sc, sh, True), (x, w, scale, shift))
+
+
+@pytest.mark.parametrize("used", ["out", "mean", "var", "out+mean", "mean+var", "out+var"])
+def test_conv2d_stats_gradients_when_only_some_outputs_are_used(used):
+    """Backward with some of (out, mean, var) unused (their gradients None) equals float64
+    autograd through the reference math."""
+    x, w, _, _, scale, shift = _op_args(seed=5)
+    outputs = conv2d_stats_op(x, w, [1, 1], [1, 1], [1, 1], scale, shift, True)
+    leaves = (x, w, scale, shift)
+    ours = torch.autograd.grad(sum(outputs[i].sum() * (i + 1) for i in _used(used)), leaves)
+    expected_outputs = reference.conv2d_stats(x, w, [1, 1], [1, 1], [1, 1], scale, shift, True)
+    expected = torch.autograd.grad(sum(expected_outputs[i].sum() * (i + 1) for i in _used(used)), leaves)
+    for name, a, e in zip(("input", "weight", "scale", "shift"), ours, expected):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def _used(names: str) -> list[int]:
+    return [("out", "mean", "var").index(n) for n in names.split("+")]
 
 
 @pytest.mark.parametrize("call,match", [

@@ -30,13 +30,14 @@ E_in elements; y: the output, E_out elements), beside the weights:
   one DRAM pass ideally), writes y once; the statistics are (3, M tiles, C_out) float32
   partials. The normalised activation relu(x * scale + shift) is neither written nor
   saved: the unfused ``conv(relu(bn(x)))`` writes and re-reads it (2 E_in) and saves it.
-* backward (torch elementwise ops around ``aten.convolution_backward``, unfused in eager
-  mode; torch.compile fuses the elementwise parts): the statistics term reads grad_out
-  and y and writes the total gradient (3 E_out); the activation is recomputed (reads x,
-  writes a: 2 E_in); cuDNN's dgrad reads the gradient and writes grad_a (E_out + E_in)
-  and wgrad reads the gradient and a (E_out + E_in); the prologue's chain rule reads
-  grad_a and x and writes grad_input (3 E_in) plus reads for the scale/shift sums.
-  No GPU measurement of these has been made yet.
+* backward: the statistics term is one scale/shift pass (reads g_out and y, writes the
+  total gradient: 3 E_out); the activation is recomputed in one pass (reads x, writes a:
+  2 E_in); cuDNN's dgrad reads the gradient and writes grad_a (E_out + E_in) and wgrad
+  reads the gradient and a (E_out + E_in); the prologue's chain rule is a reduction
+  (reads grad_a, x and a: 3 E_in) for grad_scale and grad_shift and one pass for
+  grad_input (reads grad_a and a, writes grad_input: 3 E_in). The scale/shift passes are
+  the BatchNorm stage operators (:mod:`resnet_fast.ops.scale_shift_act`), one CUDA kernel
+  each once the extension is built. No GPU measurement of these has been made yet.
 
 Double backward is not supported.
 """
@@ -56,9 +57,7 @@ from resnet_fast.ops.common import (
     output_memory_format,
 )
 from resnet_fast.ops.dispatch import select_kernel
-from resnet_fast.ops.reference import prologue_activation
-
-_CHANNEL_DIMS = (0, 2, 3)
+from resnet_fast.ops.scale_shift_act import apply_scale_shift, scale_shift_backward
 
 
 def _check(input, weight, stride, padding, dilation, prologue_scale, prologue_shift):
@@ -107,24 +106,30 @@ def _setup_context(ctx, inputs, output):
     ctx.prologue_relu = prologue_relu
 
 
-def _per_channel(t: Tensor) -> Tensor:
-    return t.view(1, -1, 1, 1)
+def _statistics_gradient(grad_out: Tensor | None, grad_mean: Tensor | None, grad_var: Tensor | None,
+                         out: Tensor, mean: Tensor) -> Tensor:
+    """``g_out + g_mean / M + g_var * 2 (out - mean) / M`` in out's dtype: one scale/shift
+    pass over ``out`` (scale ``w = 2 g_var / M``, shift ``g_mean / M - w * mean``, residual
+    ``g_out``)."""
+    count = out.numel() // out.shape[1]
+    shift = torch.zeros_like(mean) if grad_mean is None else grad_mean.to(mean.dtype) / count
+    if grad_var is not None:
+        w = 2 * grad_var.to(mean.dtype) / count
+        return apply_scale_shift(out, w, shift - w * mean, grad_out, relu=False)
+    if grad_out is None:
+        return shift.to(out.dtype).view(1, -1, 1, 1).expand(out.shape).contiguous(
+            memory_format=output_memory_format(out))
+    return grad_out if grad_mean is None else apply_scale_shift(grad_out, None, shift, None, relu=False)
 
 
 def _backward(ctx, grad_out, grad_mean, grad_var):
     input, weight, scale, shift, out, mean = ctx.saved_tensors
     need_input, need_weight = ctx.needs_input_grad[:2]
     need_scale, need_shift = ctx.needs_input_grad[5:7]
-    acc = mean.dtype
-    count = out.numel() // out.shape[1]
-    # d mean / d out = 1 / M, d var / d out = 2 (out - mean) / M
-    grad = torch.zeros_like(out, dtype=acc) if grad_out is None else grad_out.to(acc)
-    if grad_mean is not None:
-        grad = grad + _per_channel(grad_mean.to(acc) / count)
-    if grad_var is not None:
-        grad = grad + _per_channel(2 * grad_var.to(acc) / count) * (out.to(acc) - _per_channel(mean))
+    grad = _statistics_gradient(grad_out, grad_mean, grad_var, out, mean)
     has_prologue = scale is not None
-    x_act = prologue_activation(input, scale, shift, ctx.prologue_relu) if has_prologue else input
+    # the activation, recomputed: relu(x * scale + shift) rounded to x's dtype, as the forward used it
+    x_act = apply_scale_shift(input, scale, shift, None, ctx.prologue_relu) if has_prologue else input
     need_act = need_input or (has_prologue and (need_scale or need_shift))
     stride, padding, dilation = ctx.conv_args
     grad_act, grad_weight, _ = torch.ops.aten.convolution_backward(
@@ -134,18 +139,11 @@ def _backward(ctx, grad_out, grad_mean, grad_var):
     if need_act and not has_prologue:
         grad_input = grad_act
     elif need_act:
-        g = grad_act.to(acc)
-        if ctx.prologue_relu:
-            # the ReLU mask of x * scale + shift, recomputed in the accumulation dtype
-            pre = input.to(acc) * _per_channel(scale.to(acc)) + _per_channel(shift.to(acc))
-            g = g.masked_fill(pre <= 0, 0)
-        if need_input:
-            grad_input = (g * _per_channel(scale.to(acc))).to(input.dtype).contiguous(
-                memory_format=output_memory_format(input))
-        if need_scale:
-            grad_scale = (g * input.to(acc)).sum(_CHANNEL_DIMS).to(scale.dtype)
-        if need_shift:
-            grad_shift = g.sum(_CHANNEL_DIMS).to(shift.dtype)
+        # the ReLU's mask is that of the recomputed activation (x_act > 0), as torch.relu's backward
+        grad_input, grad_scale, grad_shift, _ = scale_shift_backward(
+            grad_act, input, scale, x_act if ctx.prologue_relu else None, ctx.prologue_relu, need_input, False)
+        grad_scale = grad_scale.to(scale.dtype) if need_scale else None
+        grad_shift = grad_shift.to(shift.dtype) if need_shift else None
     return grad_input, grad_weight, None, None, None, grad_scale, grad_shift, None
 
 

@@ -50,12 +50,42 @@ def _identity_statistics(scale: Tensor) -> tuple[Tensor, Tensor]:
     return torch.zeros_like(scale), torch.ones_like(scale)
 
 
+def apply_scale_shift(input: Tensor, scale: Tensor | None, shift: Tensor, residual: Tensor | None,
+                      relu: bool) -> Tensor:
+    """``relu(input * scale + shift + residual)`` by the ``batch_norm_act_apply`` stage (one
+    pass on CUDA), not differentiable; ``scale=None`` means 1."""
+    zeros, ones = _identity_statistics(shift)
+    return _stage.batch_norm_act_apply(input, zeros, ones, scale, shift, residual, 0.0, relu)
+
+
+def scale_shift_backward(grad_out: Tensor, input: Tensor, scale: Tensor, out: Tensor | None, relu: bool,
+                         need_input: bool, need_residual: bool) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None]:
+    """Gradients of ``out = relu(input * scale + shift + residual)``, with g' = grad_out *
+    (out > 0) under the ReLU (``out`` is only read then):
+
+        (grad_input = g' * scale, grad_scale = sum(g' * input), grad_shift = sum(g'), grad_residual = g')
+
+    per channel in the accumulation dtype for the sums; grad_input and grad_residual are None
+    unless asked for. Two passes on CUDA (a reduction, then the elementwise one when needed).
+    """
+    zeros, ones = _identity_statistics(scale)
+    sum_g, sum_g_input = _stage.batch_norm_act_backward_reduce(grad_out, input, zeros, ones, out, 0.0, relu)
+    grad_input = masked = None
+    # Without the ReLU, g' is grad_out itself: no kernel writes a copy of it.
+    need_masked = need_residual and relu
+    if need_input or need_masked:
+        grad_input, masked = _stage.batch_norm_act_backward_apply(
+            grad_out, input, scale, zeros, ones, out, sum_g, sum_g_input, False, 0.0, relu, need_masked)
+        grad_input = grad_input if need_input else None
+    grad_residual = (masked if relu else grad_out) if need_residual else None
+    return grad_input, sum_g_input, sum_g, grad_residual
+
+
 @torch.library.custom_op("resnet_fast::scale_shift_act", mutates_args=())
 def scale_shift_act_op(input: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
     """Returns ``relu(input * scale + shift + residual)``."""
     _check(input, scale, shift, residual)
-    zeros, ones = _identity_statistics(scale)
-    return _stage.batch_norm_act_apply(input, zeros, ones, scale, shift, residual, 0.0, relu)
+    return apply_scale_shift(input, scale, shift, residual, relu)
 
 
 @scale_shift_act_op.register_fake
@@ -76,19 +106,11 @@ def _backward(ctx, grad_out):
     input, scale, out = ctx.saved_tensors
     need_input, need_scale, need_shift, need_residual = ctx.needs_input_grad[:4]
     scale_dtype, shift_dtype, residual_dtype = ctx.dtypes
-    zeros, ones = _identity_statistics(scale)
-    sum_g, sum_g_input = _stage.batch_norm_act_backward_reduce(grad_out, input, zeros, ones, out, 0.0, ctx.relu)
-    grad_input = masked = None
-    # Without the ReLU, g' is grad_out itself: no kernel writes a copy of it.
-    need_masked = need_residual and ctx.relu
-    if need_input or need_masked:
-        grad_input, masked = _stage.batch_norm_act_backward_apply(
-            grad_out, input, scale, zeros, ones, out, sum_g, sum_g_input, False, 0.0, ctx.relu, need_masked)
-        grad_input = grad_input if need_input else None
-    grad_residual = (masked if ctx.relu else grad_out).to(residual_dtype) if need_residual else None
-    grad_scale = sum_g_input.to(scale_dtype) if need_scale else None
-    grad_shift = sum_g.to(shift_dtype) if need_shift else None
-    return grad_input, grad_scale, grad_shift, grad_residual, None
+    grad_input, grad_scale, grad_shift, grad_residual = scale_shift_backward(
+        grad_out, input, scale, out, ctx.relu, need_input, need_residual)
+    return (grad_input, grad_scale.to(scale_dtype) if need_scale else None,
+            grad_shift.to(shift_dtype) if need_shift else None,
+            grad_residual.to(residual_dtype) if need_residual else None, None)
 
 
 scale_shift_act_op.register_autograd(_backward, setup_context=_setup_context)
