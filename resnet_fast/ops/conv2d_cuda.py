@@ -14,8 +14,8 @@
     loading, statistics from the float32 accumulators, one kernel plus a per-channel
     merge), because the ``triton`` backend's ``tl.dot`` has no tensor cores there.
     Otherwise the prologue ``relu(x * scale + shift)`` by the ``batch_norm_act_apply``
-    CUDA kernel (with mean = 0, var = 1, eps = 0 its per-channel scale and shift are
-    exactly ``scale`` and ``shift``), cuDNN's convolution, then the ``batch_norm_stats``
+    CUDA kernel (:func:`~resnet_fast.ops.scale_shift_act.apply_scale_shift`), cuDNN's
+    convolution, then the ``batch_norm_stats``
     CUDA kernel: three kernels where the ``triton`` backend runs one, so the prologue's
     output makes a round trip through memory.
 
@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from resnet_fast.ops import conv2d_tensor_core  # noqa: F401  defines resnet_fast::conv2d_tensor_core
-from resnet_fast.ops.common import accumulation_dtype, output_memory_format
+from resnet_fast.ops.common import output_memory_format
 from resnet_fast.ops.dispatch import device_capability, register_kernel
+from resnet_fast.ops.scale_shift_act import apply_scale_shift
 
 TENSOR_CORE_KERNEL_BELOW = (8, 0)
 """Compute capabilities below this run ``conv2d_stats`` through ``conv2d_tensor_core``."""
@@ -101,12 +102,7 @@ def conv2d_stats(
             x, weight, None, None, prologue_scale, prologue_shift, list(stride), list(padding), list(dilation),
             prologue_relu, False, True)
     if prologue_scale is not None:
-        acc = accumulation_dtype(x.dtype)
-        zeros = torch.zeros(x.shape[1], dtype=acc, device=x.device)
-        ones = torch.ones_like(zeros)
-        x = torch.ops.resnet_fast.batch_norm_act_apply(
-            x, zeros, ones, prologue_scale, prologue_shift, None, 0.0, prologue_relu
-        )
+        x = apply_scale_shift(x, prologue_scale, prologue_shift, None, prologue_relu)
     out = F.conv2d(x, weight, None, stride, padding, dilation).contiguous(memory_format=output_memory_format(x))
     mean, var = torch.ops.resnet_fast.batch_norm_stats(out)
     return out, mean, var
