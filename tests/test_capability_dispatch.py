@@ -278,3 +278,19 @@ def test_bf16_on_a_gpu_without_bf16_is_a_clear_error(op, name, dtype, gpu):
 def test_bf16_on_the_cpu_is_not_affected():
     x = torch.randn(2, 4, 5, 5, dtype=torch.bfloat16)
     assert resnet_fast.ops.batch_norm_act(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", CAPABILITIES)
+def test_cuda_conv2d_stats_takes_the_wmma_kernel_below_sm80_and_backend_info_says_so(name, gpu):
+    from resnet_fast.ops import conv2d_cuda
+
+    tensor = gpu(name)
+    x = tensor(2, 8, 8, 16).permute(0, 3, 1, 2)  # channels_last
+    weight = tensor(32, 16, 3, 3)
+    below = name in BELOW_SM80
+    assert conv2d_cuda._runs_tensor_core_kernel(x, weight) is below
+    x32 = tensor(2, 8, 8, 16, dtype=torch.float32).permute(0, 3, 1, 2)
+    assert not conv2d_cuda._runs_tensor_core_kernel(x32, tensor(32, 16, 3, 3, dtype=torch.float32))  # fp16 only
+    described = resnet_fast.backend_info()["cuda"]["implementations"]["conv2d_stats"]
+    assert described.startswith("float16 channels_last: conv2d_tensor_core") is below
+    assert described.startswith("BatchNorm prologue kernel") is not below

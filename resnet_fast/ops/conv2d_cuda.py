@@ -36,7 +36,7 @@ from torch import Tensor
 
 from resnet_fast.ops import conv2d_tensor_core  # noqa: F401  defines resnet_fast::conv2d_tensor_core
 from resnet_fast.ops.common import output_memory_format
-from resnet_fast.ops.dispatch import device_capability, register_kernel
+from resnet_fast.ops.dispatch import BACKENDS, device_capability, register_kernel
 from resnet_fast.ops.scale_shift_act import apply_scale_shift
 
 TENSOR_CORE_KERNEL_BELOW = (8, 0)
@@ -53,6 +53,18 @@ def uses_tensor_core_kernel(x: Tensor, weight: Tensor, capability: tuple[int, in
 
 def _runs_tensor_core_kernel(x: Tensor, weight: Tensor) -> bool:
     return x.is_cuda and uses_tensor_core_kernel(x, weight, device_capability(x.device))
+
+
+def _conv2d_stats_implementation(capability: tuple[int, int] | None) -> str:
+    """What runs ``conv2d_stats`` on a GPU of ``capability`` (for ``backend_info()``)."""
+    unfused = "BatchNorm prologue kernel + cuDNN convolution + statistics kernel"
+    if capability is not None and (7, 0) <= tuple(capability) < TENSOR_CORE_KERNEL_BELOW:
+        return (f"float16 channels_last: conv2d_tensor_core (WMMA tensor cores; prologue, convolution and "
+                f"statistics in one kernel, Triton's tl.dot has no tensor cores below sm_80); otherwise {unfused}")
+    return f"{unfused} (conv2d_tensor_core runs it on sm_7x)"
+
+
+BACKENDS["cuda"].implementations["conv2d_stats"] = _conv2d_stats_implementation
 
 
 @register_kernel("cuda", "conv2d_bias_act")

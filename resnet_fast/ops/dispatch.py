@@ -102,7 +102,9 @@ class Backend:
     ``availability`` returns the reasons the backend cannot run at all on this machine
     (empty when it can); ``device_check`` the reasons it cannot take a given tensor
     because of its device; ``input_check``, when set (see :func:`register_input_check`),
-    the reasons it cannot take it otherwise (its dtype, say).
+    the reasons it cannot take it otherwise (its dtype, say). ``implementations`` maps an
+    operator whose kernel picks among implementations by GPU to a function of the compute
+    capability (None: no GPU) that says which runs there (:func:`backend_info` reports it).
     """
 
     name: str
@@ -112,6 +114,7 @@ class Backend:
     input_check: Callable[[torch.Tensor], list[str]] | None = None
     auto_gate: str | None = None
     requirements: dict[str, CapabilityRequirement] = field(default_factory=dict)
+    implementations: dict[str, Callable[[tuple[int, int] | None], str]] = field(default_factory=dict)
 
     def capability_reason(self, op: str, example: torch.Tensor) -> str | None:
         """Why ``op``'s kernel should not run on ``example``'s GPU (None: it may, or no GPU)."""
@@ -277,7 +280,8 @@ def backend_info() -> dict[str, dict]:
     ``auto`` (whether ``auto`` may choose it, and if not ``auto_gate`` says why),
     ``requirements`` (operator -> "needs compute capability X.Y or newer: why") and
     ``capability_reasons`` (operator -> why ``auto`` skips it on the current GPU, for the
-    operators whose requirement that GPU misses), plus ``"selected"`` (the current
+    operators whose requirement that GPU misses), ``implementations`` (operator -> what runs
+    it on the current GPU, for kernels that choose by capability), plus ``"selected"`` (the current
     choice) and ``"cuda_device"`` (the GPU's name and capability, or None).
     """
     gpu = torch.cuda.is_available()
@@ -304,6 +308,7 @@ def backend_info() -> dict[str, dict]:
                 op: reason for op, req in sorted(backend.requirements.items())
                 if capability is not None and (reason := req.reason(name, op, device, capability)) is not None
             },
+            "implementations": {op: describe(capability) for op, describe in sorted(backend.implementations.items())},
         }
     info["selected"] = {"choice": _state["choice"]}
     info["cuda_device"] = {
