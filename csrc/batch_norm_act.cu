@@ -179,17 +179,9 @@ __global__ void __launch_bounds__(kThreads) apply_nhwc_kernel(
 #pragma unroll
   for (int v = 0; v < V; ++v) apply_coefficients(p, g * V + v, scale[v], shift[v]);
 
-  const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
-  const int64_t row_end = rows < row_begin + rows_per_split ? rows : row_begin + rows_per_split;
-  const int64_t step = static_cast<int64_t>(by) * kUnroll;
-  for (int64_t r = row_begin + ty; r < row_end; r += step) {
-    const int64_t left = row_end - r;
-    const int valid = left >= step ? kUnroll : static_cast<int>((left + by - 1) / by);
-    int64_t idx[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) idx[u] = (r + static_cast<int64_t>(u) * by) * groups + g;
+  visit_nhwc_rows(rows, groups, rows_per_split, by, ty, g, [&](const int64_t(&idx)[kUnroll], int valid) {
     apply_vectors(io, idx, valid, scale, shift, p.relu);
-  }
+  });
 }
 
 // NCHW: blockIdx.x is the channel; blockIdx.y = n_split * hw_splits + hw_split (see
@@ -201,12 +193,6 @@ __global__ void __launch_bounds__(kThreads) apply_nchw_kernel(
     bool unroll_hw) {
   using acc_t = typename Traits<scalar_t>::acc_t;
   const int64_t c = blockIdx.x;
-  const int64_t n_begin = static_cast<int64_t>(blockIdx.y / hw_splits) * n_per_split;
-  const int64_t n_end = batch < n_begin + n_per_split ? batch : n_begin + n_per_split;
-  const int64_t j_begin = static_cast<int64_t>(blockIdx.y % hw_splits) * vec_per_split;
-  const int64_t j_end = nvec < j_begin + vec_per_split ? nvec : j_begin + vec_per_split;
-  const int64_t image_vecs = channels * nvec;
-  const int64_t plane = c * nvec;
 
   acc_t s, t;
   apply_coefficients(p, c, s, t);
@@ -217,36 +203,8 @@ __global__ void __launch_bounds__(kThreads) apply_nchw_kernel(
     shift[v] = t;
   }
 
-  if (unroll_hw) {
-    const int64_t step = static_cast<int64_t>(kThreads) * kUnroll;
-    for (int64_t n = n_begin; n < n_end; ++n) {
-      const int64_t base = n * image_vecs + plane;
-      for (int64_t j = j_begin + threadIdx.x; j < j_end; j += step) {
-        const int64_t left = j_end - j;
-        const int valid = left >= step ? kUnroll : static_cast<int>((left + kThreads - 1) / kThreads);
-        int64_t idx[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) idx[u] = base + j + static_cast<int64_t>(u) * kThreads;
-        apply_vectors(io, idx, valid, scale, shift, p.relu);
-      }
-    }
-  } else {
-    const int by = kThreads / bx;
-    const int tx = threadIdx.x % bx;
-    const int ty = threadIdx.x / bx;
-    if (ty >= by) return;
-    const int64_t step = static_cast<int64_t>(by) * kUnroll;
-    for (int64_t j = j_begin + tx; j < j_end; j += bx) {
-      for (int64_t n = n_begin + ty; n < n_end; n += step) {
-        const int64_t left = n_end - n;
-        const int valid = left >= step ? kUnroll : static_cast<int>((left + by - 1) / by);
-        int64_t idx[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) idx[u] = (n + static_cast<int64_t>(u) * by) * image_vecs + plane + j;
-        apply_vectors(io, idx, valid, scale, shift, p.relu);
-      }
-    }
-  }
+  visit_nchw_vectors(batch, channels, nvec, n_per_split, vec_per_split, hw_splits, bx, unroll_hw,
+                     [&](const int64_t(&idx)[kUnroll], int valid) { apply_vectors(io, idx, valid, scale, shift, p.relu); });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -351,23 +309,15 @@ __global__ void __launch_bounds__(kThreads) reduce_nhwc_kernel(
   const int ty = threadIdx.x / bx;
   const int64_t g = static_cast<int64_t>(blockIdx.x) * bx + tx;
   const bool active = g < groups;  // uniform per slot; every thread still reduces
-  const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
-  const int64_t row_end = rows < row_begin + rows_per_split ? rows : row_begin + rows_per_split;
 
   Sums<acc_t, V> s = Sums<acc_t, V>::identity();
   if (active) {
     acc_t mean[V];
 #pragma unroll
     for (int v = 0; v < V; ++v) mean[v] = load_channel(p.mean, g * V + v, acc_t(0));
-    const int64_t step = static_cast<int64_t>(by) * kUnroll;
-    for (int64_t r = row_begin + ty; r < row_end; r += step) {
-      const int64_t left = row_end - r;
-      const int valid = left >= step ? kUnroll : static_cast<int>((left + by - 1) / by);
-      int64_t idx[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) idx[u] = (r + static_cast<int64_t>(u) * by) * groups + g;
+    visit_nhwc_rows(rows, groups, rows_per_split, by, ty, g, [&](const int64_t(&idx)[kUnroll], int valid) {
       reduce_vectors(io, idx, valid, mean, p.relu, s);
-    }
+    });
   }
 
   block_reduce(s, bx, smem);
@@ -385,46 +335,11 @@ __global__ void __launch_bounds__(kThreads) reduce_nchw_kernel(
   using acc_t = typename Traits<scalar_t>::acc_t;
   __shared__ acc_t smem[Sums<acc_t, 1>::kFields * kThreads];
   const int64_t c = blockIdx.x;
-  const int64_t n_begin = static_cast<int64_t>(blockIdx.y / hw_splits) * n_per_split;
-  const int64_t n_end = batch < n_begin + n_per_split ? batch : n_begin + n_per_split;
-  const int64_t j_begin = static_cast<int64_t>(blockIdx.y % hw_splits) * vec_per_split;
-  const int64_t j_end = nvec < j_begin + vec_per_split ? nvec : j_begin + vec_per_split;
-  const int64_t image_vecs = channels * nvec;
-  const int64_t plane = c * nvec;
   const acc_t mean[1] = {load_channel(p.mean, c, acc_t(0))};
 
   Sums<acc_t, 1> s = Sums<acc_t, 1>::identity();
-  if (unroll_hw) {
-    const int64_t step = static_cast<int64_t>(kThreads) * kUnroll;
-    for (int64_t n = n_begin; n < n_end; ++n) {
-      const int64_t base = n * image_vecs + plane;
-      for (int64_t j = j_begin + threadIdx.x; j < j_end; j += step) {
-        const int64_t left = j_end - j;
-        const int valid = left >= step ? kUnroll : static_cast<int>((left + kThreads - 1) / kThreads);
-        int64_t idx[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) idx[u] = base + j + static_cast<int64_t>(u) * kThreads;
-        reduce_vectors(io, idx, valid, mean, p.relu, s);
-      }
-    }
-  } else {
-    const int by = kThreads / bx;
-    const int tx = threadIdx.x % bx;
-    const int ty = threadIdx.x / bx;  // >= by for the spare threads when bx does not divide kThreads
-    if (ty < by) {
-      const int64_t step = static_cast<int64_t>(by) * kUnroll;
-      for (int64_t j = j_begin + tx; j < j_end; j += bx) {
-        for (int64_t n = n_begin + ty; n < n_end; n += step) {
-          const int64_t left = n_end - n;
-          const int valid = left >= step ? kUnroll : static_cast<int>((left + by - 1) / by);
-          int64_t idx[kUnroll];
-#pragma unroll
-          for (int u = 0; u < kUnroll; ++u) idx[u] = (n + static_cast<int64_t>(u) * by) * image_vecs + plane + j;
-          reduce_vectors(io, idx, valid, mean, p.relu, s);
-        }
-      }
-    }
-  }
+  visit_nchw_vectors(batch, channels, nvec, n_per_split, vec_per_split, hw_splits, bx, unroll_hw,
+                     [&](const int64_t(&idx)[kUnroll], int valid) { reduce_vectors(io, idx, valid, mean, p.relu, s); });
 
   block_reduce(s, 1, smem);
   if (threadIdx.x == 0) reduce_store(io, p, c, channels, s.v[0], s.v[1]);
@@ -555,17 +470,9 @@ __global__ void __launch_bounds__(kThreads) backward_nhwc_kernel(
 #pragma unroll
   for (int v = 0; v < V; ++v) k[v] = backward_coefficients(p, g * V + v);
 
-  const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
-  const int64_t row_end = rows < row_begin + rows_per_split ? rows : row_begin + rows_per_split;
-  const int64_t step = static_cast<int64_t>(by) * kUnroll;
-  for (int64_t r = row_begin + ty; r < row_end; r += step) {
-    const int64_t left = row_end - r;
-    const int valid = left >= step ? kUnroll : static_cast<int>((left + by - 1) / by);
-    int64_t idx[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) idx[u] = (r + static_cast<int64_t>(u) * by) * groups + g;
+  visit_nhwc_rows(rows, groups, rows_per_split, by, ty, g, [&](const int64_t(&idx)[kUnroll], int valid) {
     backward_vectors(io, idx, valid, k, p);
-  }
+  });
 }
 
 template <typename scalar_t, typename dy_t, int V>
@@ -575,48 +482,14 @@ __global__ void __launch_bounds__(kThreads) backward_nchw_kernel(
     bool unroll_hw) {
   using acc_t = typename Traits<scalar_t>::acc_t;
   const int64_t c = blockIdx.x;
-  const int64_t n_begin = static_cast<int64_t>(blockIdx.y / hw_splits) * n_per_split;
-  const int64_t n_end = batch < n_begin + n_per_split ? batch : n_begin + n_per_split;
-  const int64_t j_begin = static_cast<int64_t>(blockIdx.y % hw_splits) * vec_per_split;
-  const int64_t j_end = nvec < j_begin + vec_per_split ? nvec : j_begin + vec_per_split;
-  const int64_t image_vecs = channels * nvec;
-  const int64_t plane = c * nvec;
 
   const BackwardCoef<acc_t> kc = backward_coefficients(p, c);
   BackwardCoef<acc_t> k[V];
 #pragma unroll
   for (int v = 0; v < V; ++v) k[v] = kc;
 
-  if (unroll_hw) {
-    const int64_t step = static_cast<int64_t>(kThreads) * kUnroll;
-    for (int64_t n = n_begin; n < n_end; ++n) {
-      const int64_t base = n * image_vecs + plane;
-      for (int64_t j = j_begin + threadIdx.x; j < j_end; j += step) {
-        const int64_t left = j_end - j;
-        const int valid = left >= step ? kUnroll : static_cast<int>((left + kThreads - 1) / kThreads);
-        int64_t idx[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) idx[u] = base + j + static_cast<int64_t>(u) * kThreads;
-        backward_vectors(io, idx, valid, k, p);
-      }
-    }
-  } else {
-    const int by = kThreads / bx;
-    const int tx = threadIdx.x % bx;
-    const int ty = threadIdx.x / bx;
-    if (ty >= by) return;
-    const int64_t step = static_cast<int64_t>(by) * kUnroll;
-    for (int64_t j = j_begin + tx; j < j_end; j += bx) {
-      for (int64_t n = n_begin + ty; n < n_end; n += step) {
-        const int64_t left = n_end - n;
-        const int valid = left >= step ? kUnroll : static_cast<int>((left + by - 1) / by);
-        int64_t idx[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) idx[u] = (n + static_cast<int64_t>(u) * by) * image_vecs + plane + j;
-        backward_vectors(io, idx, valid, k, p);
-      }
-    }
-  }
+  visit_nchw_vectors(batch, channels, nvec, n_per_split, vec_per_split, hw_splits, bx, unroll_hw,
+                     [&](const int64_t(&idx)[kUnroll], int valid) { backward_vectors(io, idx, valid, k, p); });
 }
 
 // ---------------------------------------------------------------------------------------

@@ -164,26 +164,23 @@ __global__ void __launch_bounds__(kThreads) stats_nhwc_kernel(
   const int by = kThreads / bx;
   const int tx = threadIdx.x % bx;
   const int ty = threadIdx.x / bx;
-  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * bx + tx) * V;
+  const int64_t g = static_cast<int64_t>(blockIdx.x) * bx + tx;  // channels [g * V, g * V + V)
+  const int64_t c0 = g * V;
   const bool active = c0 < channels;  // uniform per slot; every thread still reduces
-  const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
-  const int64_t row_end = rows < row_begin + rows_per_split ? rows : row_begin + rows_per_split;
 
   Welford<acc_t> st[V];
 #pragma unroll
   for (int v = 0; v < V; ++v) st[v] = {acc_t(0), acc_t(0), acc_t(0)};
 
   if (active) {
-    const raw_t* base = reinterpret_cast<const raw_t*>(input) + c0;
-    const int64_t step = static_cast<int64_t>(by) * kUnroll;
-    for (int64_t r = row_begin + ty; r < row_end; r += step) {
-      const int64_t left = row_end - r;
-      const int valid = left >= step ? kUnroll : static_cast<int>((left + by - 1) / by);
+    // channels % V == 0 (the host picks V so), hence channels / V groups per row
+    const auto* vecs = reinterpret_cast<const Pack<raw_t, V>*>(input);
+    visit_nhwc_rows(rows, channels / V, rows_per_split, by, ty, g, [&](const int64_t(&idx)[kUnroll], int valid) {
       Pack<raw_t, V> p[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         if (u < valid) {
-          p[u] = *reinterpret_cast<const Pack<raw_t, V>*>(base + (r + static_cast<int64_t>(u) * by) * channels);
+          p[u] = vecs[idx[u]];
         } else {
 #pragma unroll
           for (int v = 0; v < V; ++v) p[u].v[v] = raw_t(0);
@@ -196,7 +193,7 @@ __global__ void __launch_bounds__(kThreads) stats_nhwc_kernel(
         for (int u = 0; u < kUnroll; ++u) x[u] = Traits<scalar_t>::to_acc(p[u].v[v]);
         merge_chunk(st[v], x, valid);
       }
-    }
+    });
   }
 
 #pragma unroll
@@ -209,11 +206,8 @@ __global__ void __launch_bounds__(kThreads) stats_nhwc_kernel(
 }
 
 // ---------------------------------------------------------------------------------------
-// NCHW: blockIdx.x is the channel; blockIdx.y = n_split * hw_splits + hw_split picks a
-// range of images and a range of the H*W plane (counted in V-element vectors).
-// unroll_hw (large planes; bx = kThreads, by = 1): each thread loads kUnroll vectors
-// along the plane per chunk. Otherwise (small planes): threads (tx < bx, ty < by) load
-// vector tx of kUnroll images n, n + by, ... per chunk.
+// NCHW: blockIdx.x is the channel; blockIdx.y picks a range of images and of the H*W
+// plane (counted in V-element vectors), walked as visit_nchw_vectors (reduction.cuh) says.
 
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads) stats_nchw_kernel(
@@ -228,62 +222,26 @@ __global__ void __launch_bounds__(kThreads) stats_nchw_kernel(
   __shared__ acc_t smem[3 * kThreads];
 
   const int64_t c = blockIdx.x;
-  const int64_t n_begin = static_cast<int64_t>(blockIdx.y / hw_splits) * n_per_split;
-  const int64_t n_end = batch < n_begin + n_per_split ? batch : n_begin + n_per_split;
-  const int64_t nvec = hw / V;
-  const int64_t j_begin = static_cast<int64_t>(blockIdx.y % hw_splits) * vec_per_split;
-  const int64_t j_end = nvec < j_begin + vec_per_split ? nvec : j_begin + vec_per_split;
-  const int by = kThreads / bx;
-  const int tx = threadIdx.x % bx;
-  const int ty = threadIdx.x / bx;  // >= by for the spare threads when bx does not divide kThreads
-
-  // Vector j of image n of this channel: planes[n * image_vecs + j].
-  const P* planes = reinterpret_cast<const P*>(reinterpret_cast<const raw_t*>(input) + c * hw);
-  const int64_t image_vecs = channels * nvec;
+  const P* vecs = reinterpret_cast<const P*>(input);
 
   Welford<acc_t> st{acc_t(0), acc_t(0), acc_t(0)};
-  if (unroll_hw) {
-    const int64_t step = static_cast<int64_t>(kThreads) * kUnroll;
-    for (int64_t n = n_begin; n < n_end; ++n) {
-      const P* plane = planes + n * image_vecs;
-      for (int64_t j = j_begin + threadIdx.x; j < j_end; j += step) {
-        const int64_t left = j_end - j;
-        const int valid = left >= step ? kUnroll : static_cast<int>((left + kThreads - 1) / kThreads);
-        P p[kUnroll];
+  visit_nchw_vectors(batch, channels, hw / V, n_per_split, vec_per_split, hw_splits, bx, unroll_hw,
+                     [&](const int64_t(&idx)[kUnroll], int valid) {
+                       P p[kUnroll];
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          if (u < valid) p[u] = plane[j + static_cast<int64_t>(u) * kThreads];
-        }
-        acc_t x[kUnroll * V];
+                       for (int u = 0; u < kUnroll; ++u) {
+                         if (u < valid) p[u] = vecs[idx[u]];
+                       }
+                       acc_t x[kUnroll * V];
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
+                       for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
-          for (int v = 0; v < V; ++v) x[u * V + v] = u < valid ? Traits<scalar_t>::to_acc(p[u].v[v]) : acc_t(0);
-        }
-        merge_chunk(st, x, valid * V);
-      }
-    }
-  } else if (ty < by) {
-    const int64_t step = static_cast<int64_t>(by) * kUnroll;
-    for (int64_t j = j_begin + tx; j < j_end; j += bx) {
-      for (int64_t n = n_begin + ty; n < n_end; n += step) {
-        const int64_t left = n_end - n;
-        const int valid = left >= step ? kUnroll : static_cast<int>((left + by - 1) / by);
-        P p[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          if (u < valid) p[u] = planes[(n + static_cast<int64_t>(u) * by) * image_vecs + j];
-        }
-        acc_t x[kUnroll * V];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-          for (int v = 0; v < V; ++v) x[u * V + v] = u < valid ? Traits<scalar_t>::to_acc(p[u].v[v]) : acc_t(0);
-        }
-        merge_chunk(st, x, valid * V);
-      }
-    }
-  }
+                         for (int v = 0; v < V; ++v) {
+                           x[u * V + v] = u < valid ? Traits<scalar_t>::to_acc(p[u].v[v]) : acc_t(0);
+                         }
+                       }
+                       merge_chunk(st, x, valid * V);
+                     });
 
   block_reduce(st, 1, smem);
   if (threadIdx.x == 0) {

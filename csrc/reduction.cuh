@@ -1,6 +1,6 @@
 // Machinery shared by the per-channel kernels of resnet_fast._C (batch_norm_stats.cu,
-// batch_norm_act.cu): element types, 16-byte vector packs, the block-level reduction
-// and the work splits over a 4-D (N, C, H, W) tensor.
+// batch_norm_act.cu): element types, 16-byte vector packs, the block-level reduction,
+// the work splits over a 4-D (N, C, H, W) tensor and the traversals of a block's share.
 //
 // Work splits (every kernel runs 1-D blocks of kThreads threads):
 //  * channels_last (NHWC): the tensor is a (rows = N*H*W, C) matrix. A block covers a
@@ -152,6 +152,76 @@ __device__ __forceinline__ void block_reduce(State& s, int bx, typename State::v
     s = total;
   }
   __syncthreads();  // smem may be reused right away
+}
+
+// ---------------------------------------------------------------------------------------
+// Traversals of a block's share of the tensor (the work splits below). Each calls
+// visit(idx, valid) for chunks of kUnroll vector indices (vectors of `width` elements,
+// counted from the tensor's start) of which the first `valid` are in range.
+
+// channels_last: channel group g, rows ty, ty + by, ... of split blockIdx.y:
+// idx = row * groups + g.
+template <typename Visit>
+__device__ __forceinline__ void visit_nhwc_rows(int64_t rows, int64_t groups, int64_t rows_per_split, int by,
+                                                int ty, int64_t g, Visit&& visit) {
+  const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int64_t row_end = rows < row_begin + rows_per_split ? rows : row_begin + rows_per_split;
+  const int64_t step = static_cast<int64_t>(by) * kUnroll;
+  for (int64_t r = row_begin + ty; r < row_end; r += step) {
+    const int64_t left = row_end - r;
+    const int valid = left >= step ? kUnroll : static_cast<int>((left + by - 1) / by);
+    int64_t idx[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) idx[u] = (r + static_cast<int64_t>(u) * by) * groups + g;
+    visit(idx, valid);
+  }
+}
+
+// NCHW: channel c = blockIdx.x; blockIdx.y = n_split * hw_splits + hw_split picks the
+// images and the range of the plane (NchwPlan). Vector j of image n: (n * C + c) * nvec + j.
+// unroll_hw: each thread walks along the plane, kUnroll vectors kThreads apart per chunk;
+// otherwise thread (tx < bx, ty < by) takes vector tx of kUnroll images n, n + by, ...
+// (spare threads, ty >= by, visit nothing).
+template <typename Visit>
+__device__ __forceinline__ void visit_nchw_vectors(int64_t batch, int64_t channels, int64_t nvec,
+                                                   int64_t n_per_split, int64_t vec_per_split, int hw_splits,
+                                                   int bx, bool unroll_hw, Visit&& visit) {
+  const int64_t n_begin = static_cast<int64_t>(blockIdx.y / hw_splits) * n_per_split;
+  const int64_t n_end = batch < n_begin + n_per_split ? batch : n_begin + n_per_split;
+  const int64_t j_begin = static_cast<int64_t>(blockIdx.y % hw_splits) * vec_per_split;
+  const int64_t j_end = nvec < j_begin + vec_per_split ? nvec : j_begin + vec_per_split;
+  const int64_t image_vecs = channels * nvec;
+  const int64_t plane = static_cast<int64_t>(blockIdx.x) * nvec;
+  if (unroll_hw) {
+    const int64_t step = static_cast<int64_t>(kThreads) * kUnroll;
+    for (int64_t n = n_begin; n < n_end; ++n) {
+      const int64_t base = n * image_vecs + plane;
+      for (int64_t j = j_begin + threadIdx.x; j < j_end; j += step) {
+        const int64_t left = j_end - j;
+        const int valid = left >= step ? kUnroll : static_cast<int>((left + kThreads - 1) / kThreads);
+        int64_t idx[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) idx[u] = base + j + static_cast<int64_t>(u) * kThreads;
+        visit(idx, valid);
+      }
+    }
+    return;
+  }
+  const int by = kThreads / bx;
+  const int tx = threadIdx.x % bx;
+  const int ty = threadIdx.x / bx;
+  if (ty >= by) return;
+  const int64_t step = static_cast<int64_t>(by) * kUnroll;
+  for (int64_t j = j_begin + tx; j < j_end; j += bx) {
+    for (int64_t n = n_begin + ty; n < n_end; n += step) {
+      const int64_t left = n_end - n;
+      const int valid = left >= step ? kUnroll : static_cast<int>((left + by - 1) / by);
+      int64_t idx[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) idx[u] = (n + static_cast<int64_t>(u) * by) * image_vecs + plane + j;
+      visit(idx, valid);
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------
