@@ -141,5 +141,19 @@ def import_kernel_module(name: str):
     return module
 
 
+@pytest.fixture
+def reference_backend():
+    """``set_backend("torch")`` for the test, restored afterwards: the modules then run the
+    fused operators' reference composition (what the fused kernels are tested against)
+    instead of the default native path, which runs torchvision's own aten operators and is
+    tested in test_native_path.py."""
+    import resnet_fast
+
+    before = resnet_fast.get_backend()
+    resnet_fast.set_backend("torch")
+    yield
+    resnet_fast.set_backend(before)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; run by scripts/gpu_check.sh")

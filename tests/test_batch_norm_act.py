@@ -13,6 +13,10 @@ import resnet_fast
 from resnet_fast.nn import BatchNormAct2d
 from resnet_fast.ops.batch_norm_act import batch_norm_act_backward_op, batch_norm_act_op, update_running_stats_op
 
+# The modules here run the fused operators (their torch reference composition), not the
+# default native path (torchvision's own aten operators, tested in test_native_path.py).
+pytestmark = pytest.mark.usefixtures("reference_backend")
+
 SHAPES = [(4, 6, 5, 7), (3, 5, 1, 1), (2, 3, 9, 4)]
 # H*W = 1 (ambiguous memory format) in every dtype, NCHW only; the other shapes in both layouts.
 CASES = [(shape, dtype, channels_last) for shape in SHAPES for dtype in DTYPES for channels_last in (False, True)

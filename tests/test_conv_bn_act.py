@@ -17,6 +17,10 @@ from torch import nn
 from resnet_fast.nn import ConvBNAct2d
 from resnet_fast.ops.conv_bn_act import conv_bn_act_op
 
+# The modules here run the fused operators (their torch reference composition), not the
+# default native path (torchvision's own aten operators, tested in test_native_path.py).
+pytestmark = pytest.mark.usefixtures("reference_backend")
+
 # (in, out, kernel, stride, padding, groups, conv bias): every ResNet conv kind, small.
 CONVS = [
     (3, 8, 7, 2, 3, 1, False),   # stem

@@ -21,6 +21,10 @@ import resnet_fast
 from resnet_fast.nn import BatchNormAct2d, SyncBatchNormAct2d, convert_sync_batchnorm
 from resnet_fast.ops import sync_batch_norm_act
 
+# The modules here run the fused operators (their torch reference composition), not the
+# default native path (torchvision's own aten operators, tested in test_native_path.py).
+pytestmark = pytest.mark.usefixtures("reference_backend")
+
 WORLD = 2
 # Rank r holds rows SPLITS[case][r] of the global batch (uneven, and one rank empty).
 OP_CASES = {
