@@ -445,8 +445,8 @@ def backend_info() -> dict[str, dict]:
             "available": not reasons,
             "reasons": reasons,
             "operators": sorted(backend.kernels),
-            "auto": backend.auto_gate is None,
-            "auto_gate": backend.auto_gate,
+            "auto": name == "torch" or auto_refusal(backend, device) is None,
+            "auto_gate": None if name == "torch" else auto_refusal(backend, device),
             "requirements": {
                 op: "needs compute capability %d.%d or newer: %s" % (*req.min_capability, req.why)
                 for op, req in sorted(backend.requirements.items())
