@@ -20,6 +20,10 @@ from resnet_fast.ops import reference
 from resnet_fast.ops.conv2d_bias_act import conv2d_bias_act, conv2d_bias_act_op
 from resnet_fast.ops.conv2d_stats import conv2d_stats, conv2d_stats_op
 
+# The modules here run the fused operators (their torch reference composition), not the
+# default native path (torchvision's own aten operators, tested in test_native_path.py).
+pytestmark = pytest.mark.usefixtures("reference_backend")
+
 # (C_in, C_out, kernel, stride, padding, H)
 CONVS = {"stem7x7s2": (3, 8, 7, 2, 3, 9), "3x3s1": (6, 5, 3, 1, 1, 6), "3x3s2": (6, 8, 3, 2, 1, 7),
          "1x1s2": (8, 12, 1, 2, 0, 6)}
