@@ -200,3 +200,17 @@ def test_native_path_compiles_without_graph_breaks():
     for (name, p), q in zip(model.named_parameters(), eager.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
     torch._dynamo.reset()
+
+
+def test_a_fused_backend_that_auto_may_use_ends_the_native_path(monkeypatch):
+    """auto_refusal is the one hook validation answers: once it lets auto use a fused
+    backend on a GPU, tensors there leave the native path (CPU tensors never do)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        gpu_tensor = torch.empty(2, 4, 4, 4, device="cuda")
+    assert dispatch.runs_native(gpu_tensor)  # as shipped: no validation, native
+    monkeypatch.setattr(dispatch, "auto_refusal", lambda backend, device: None)
+    monkeypatch.setattr(dispatch.BACKENDS["triton"], "availability", lambda: [])
+    assert not dispatch.runs_native(gpu_tensor)
+    assert dispatch.runs_native(torch.zeros(1))
