@@ -15,6 +15,7 @@ import copy
 import pytest
 import torch
 import torchvision
+from conftest import DEVICES
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models import resnet as tv
@@ -121,12 +122,25 @@ PAIRS = {"resnet18": (_resnet18_pair, (2, 3, 32, 32)), "resnet20": (_resnet20_pa
          "converted_resnet18": (_converted_resnet18_pair, (2, 3, 32, 32))}
 
 
+@pytest.fixture
+def deterministic():
+    """cuDNN picks one deterministic algorithm, so two runs of the same ops agree bitwise."""
+    before = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("name", list(PAIRS))
-def test_native_path_runs_torchvisions_aten_ops_with_identical_results(name, training):
+@pytest.mark.parametrize("device", DEVICES)
+def test_native_path_runs_torchvisions_aten_ops_with_identical_results(device, name, training, deterministic):
     make, shape = PAIRS[name]
-    ours, theirs = make()
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    ours, theirs = (m.to(device) for m in make())
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+    if device == "cuda":  # the GPU's fast layout (the same ops take it)
+        ours, theirs = (m.to(memory_format=torch.channels_last) for m in (ours, theirs))
+        x = x.contiguous(memory_format=torch.channels_last)
     our_ops, our_out = _run(ours, x, training)
     their_ops, their_out = _run(theirs, x, training)
     assert our_ops == their_ops

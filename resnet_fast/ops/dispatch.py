@@ -35,8 +35,8 @@ tensor whose device no validation allows a fused backend on), the modules of
 the ``torch`` backend's float32 re-composition (:func:`runs_native`). The one place that
 says whether ``auto`` may use a fused backend on a device is :func:`auto_refusal`.
 
-Decisions are cached: :func:`select_kernel` once per (operator, device, dtype, compute
-capability) and :func:`runs_native` once per (device, dtype), until the choice or a
+Decisions are cached: :func:`select_kernel` once per (choice, operator, device, dtype,
+compute capability) and :func:`runs_native` once per (choice, device, dtype), until a
 registration changes (``set_backend``, ``register_kernel``, ``register_input_check``, or
 an attribute or table of a :class:`Backend` being replaced or edited).
 """
@@ -160,6 +160,9 @@ class Backend:
     the reasons it cannot take it otherwise (its dtype, say). ``implementations`` maps an
     operator whose kernel picks among implementations by GPU to a function of the compute
     capability (None: no GPU) that says which runs there (:func:`backend_info` reports it).
+
+    The checks see an input's device and dtype only (``example.device``, ``.dtype``,
+    ``.is_cuda``): decisions are cached on exactly those.
     """
 
     name: str
