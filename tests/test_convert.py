@@ -319,9 +319,10 @@ def test_conversion_report_str_and_helpers():
     assert report and len(report) == 1
     lines = str(report).splitlines()
     assert lines[0] == "resnet_fast.convert: 1 module(s) converted, 2 skipped"
-    assert lines[1] == "converted:" and lines[3] == "skipped:"
+    assert lines[1] == "converted:" and lines[4] == "skipped:"
+    assert lines[3].strip() == "at layer1.0" and lines[6].strip() == "at head.bn"
     # columns aligned
-    assert lines[4].index("torch.nn.BatchNorm2d") == lines[5].index("torch.nn.SyncBatchNorm")
+    assert lines[5].index("torch.nn.BatchNorm2d") == lines[7].index("torch.nn.SyncBatchNorm")
 
 
 def test_convert_rejects_non_modules():
