@@ -90,7 +90,8 @@ def test_convert_torchvision_resnet(name, block, blocks):
     assert report.skipped == []
     text = str(report)
     assert f"{blocks + 2} module(s) converted, 0 skipped" in text
-    assert "layer3.1" in text and f"torchvision.models.resnet.{block}" in text
+    assert f"{blocks} x torchvision.models.resnet.{block}  -> resnet_fast.nn.{block}" in text
+    assert "at layer1.0, layer1.1, " in text  # the first paths of the group
 
     compare_eval(model, reference, images(2))
     compare_training_step(model, reference, images(4, seed=2), torch.tensor([5, 0, 999, 1]))
