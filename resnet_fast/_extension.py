@@ -19,3 +19,13 @@ def extension_load_error() -> str | None:
     except ImportError as error:
         return f"CUDA extension resnet_fast._C is not available ({error})"
     return None
+
+
+def build_info() -> dict | None:
+    """What ``resnet_fast._C`` was built for and from: ``architectures`` (e.g. ``["7.5",
+    "8.0"]``), ``cuda_version``, ``torch_version`` (built against), ``source_fingerprint``
+    and ``build_flags``. None when the extension is not built or predates ``build_info``."""
+    if extension_load_error() is not None:
+        return None
+    describe = getattr(importlib.import_module("resnet_fast._C"), "build_info", None)
+    return None if describe is None else dict(describe())
