@@ -321,6 +321,16 @@ def select_kernel(op: str, example: torch.Tensor) -> Callable:
     raise BackendUnavailableError(f"no resnet_fast backend implements {op}")  # torch always does
 
 
+def chosen_backend(op: str, example: torch.Tensor) -> str | None:
+    """The name of the backend the current choice runs ``op`` on ``example`` with (None:
+    the choice refuses it). What tools report as "ran", e.g. ``torch`` for ``auto`` on a CPU."""
+    try:
+        kernel = select_kernel(op, example)
+    except BackendUnavailableError:
+        return None
+    return next((name for name, backend in BACKENDS.items() if backend.kernels.get(op) is kernel), None)
+
+
 def backend_info() -> dict[str, dict]:
     """What each backend can do on this machine, and why not.
 
