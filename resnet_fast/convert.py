@@ -48,7 +48,6 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from resnet_fast import convert_timm
 from resnet_fast.nn.batch_norm_act import BatchNormAct2d
 from resnet_fast.nn.blocks import BasicBlock, Bottleneck
 from resnet_fast.nn.conv_bn_act import is_fusable
@@ -343,3 +342,7 @@ def convert(model: nn.Module) -> tuple[nn.Module, ConversionReport]:
     else:
         _convert_children(model, "", report, set())
     return model, report
+
+
+# timm's part of the conversion uses the helpers above, so it is imported after them.
+from resnet_fast import convert_timm  # noqa: E402

@@ -21,28 +21,27 @@ report groups them.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
 
 from torch import nn
 
+from resnet_fast.convert import (
+    ConversionReport,
+    _batch_norm_type_reason,
+    _display,
+    _is_batch_norm,
+    _path,
+    _type_name,
+    _unfused_reason,
+)
 from resnet_fast.nn.batch_norm_act import BatchNormAct2d
 from resnet_fast.nn.conv_bn_act import is_fusable
 from resnet_fast.nn.timm_blocks import TimmBasicBlock, TimmBottleneck, is_timm_dropper
-
-if TYPE_CHECKING:
-    from resnet_fast.convert import ConversionReport
 
 FUSED_TIMM_BLOCKS = (TimmBasicBlock, TimmBottleneck)
 
 
 def _timm_resnet_module():
     return sys.modules.get("timm.models.resnet")
-
-
-def _type_name(module: nn.Module) -> str:
-    from resnet_fast.convert import _type_name as type_name
-
-    return type_name(module)
 
 
 def timm_block_type(module: nn.Module) -> type[nn.Module] | None:
@@ -72,8 +71,6 @@ def _site_reason(conv: nn.Module, norm: nn.Module, between: dict[str, nn.Module 
                  block_name: str) -> str | None:
     """Why part of ``act(between(norm(conv(x))))`` runs unfused in the block (None: all fused)."""
     if not is_fusable(conv, norm):
-        from resnet_fast.convert import _unfused_reason
-
         return _unfused_reason(conv, norm, block_name)
     if type(act) is not nn.ReLU:
         return (f"inside {block_name}: the activation is {_type_name(act)}, not nn.ReLU; convolution + "
@@ -96,8 +93,6 @@ def _site_reason(conv: nn.Module, norm: nn.Module, between: dict[str, nn.Module 
 
 def inspect_timm_block(block: nn.Module, prefix: str, report: ConversionReport) -> None:
     """List in ``report.skipped`` what a fused timm block runs unfused, one row per BatchNorm."""
-    from resnet_fast.convert import _path, _unfused_reason
-
     block_name = _type_name(block)
     for norm_name, conv, norm, between, act in _sites(block):
         reason = _site_reason(conv, norm, between, act, block_name)
@@ -121,8 +116,6 @@ def inspect_timm_block(block: nn.Module, prefix: str, report: ConversionReport) 
 def convert_timm_block(block: nn.Module, fused_type: type[nn.Module], path: str,
                        report: ConversionReport) -> nn.Module:
     """``block`` as ``fused_type`` (submodules shared), reported."""
-    from resnet_fast.convert import _display
-
     fused = fused_type.from_timm(block)
     report.converted.append((_display(path), _type_name(block), _type_name(fused)))
     inspect_timm_block(fused, path, report)
@@ -140,8 +133,6 @@ def is_timm_resnet(module: nn.Module) -> bool:
 
 def convert_timm_stem(model: nn.Module, prefix: str, report: ConversionReport, handled: set[str]) -> None:
     """timm ResNet: ``bn1`` + ``act1`` → ``BatchNormAct2d(relu=True)`` + ``Identity``."""
-    from resnet_fast.convert import _batch_norm_type_reason, _is_batch_norm, _path
-
     bn, act = getattr(model, "bn1", None), getattr(model, "act1", None)
     if not isinstance(bn, nn.Module) or not _is_batch_norm(bn) or isinstance(bn, BatchNormAct2d):
         return

@@ -19,6 +19,9 @@ Everything else runs as timm runs it, module by module: anti-aliasing (``aa``, a
 activation), attention, active drop-path / DropBlock, activations other than ReLU, norms
 other than ``nn.BatchNorm2d``. The opt-in fused-training pattern of
 :class:`resnet_fast.nn.BasicBlock` (``fused_training``) is not applied to these blocks.
+
+The blocks are made from timm's (``from_timm``, which :func:`resnet_fast.convert` calls);
+they have no constructor of their own: build the model with timm and convert it.
 """
 
 from __future__ import annotations
