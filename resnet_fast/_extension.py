@@ -19,3 +19,18 @@ def extension_load_error() -> str | None:
     except ImportError as error:
         return f"CUDA extension resnet_fast._C is not available ({error})"
     return None
+
+
+def build_info() -> dict | None:
+    """What the compiled extension says about its own build, or None when it is not built.
+
+    The dict (from ``resnet_fast._C.build_info()``) has ``architectures`` (the compute
+    capabilities compiled, e.g. ``["7.5", "8.0", "9.0"]``), ``cuda_version``,
+    ``torch_version`` (the torch it was built against), ``source_fingerprint`` (sha256 of
+    its csrc sources) and ``build_flags``. None also when the loaded extension predates
+    ``build_info``.
+    """
+    if extension_load_error() is not None:
+        return None
+    report = getattr(importlib.import_module("resnet_fast._C"), "build_info", None)
+    return None if report is None else dict(report())
