@@ -216,9 +216,10 @@ class ValidationRecord:
 
     def file_name(self) -> str:
         """One record per backend and kind of GPU: a new check replaces the old one."""
-        where = "interpreter" if self.capability is None else "sm%d%d" % self.capability
+        if self.capability is None:
+            return f"{self.backend}-interpreter.json"
         gpu = re.sub(r"[^A-Za-z0-9]+", "-", self.gpu_name).strip("-").lower() or "gpu"
-        return f"{self.backend}-{where}-{gpu}.json"
+        return f"{self.backend}-sm%d%d-{gpu}.json" % self.capability
 
     def mismatch(self, backend: str, identity: DeviceIdentity, fingerprint: str | None,
                  versions: dict[str, str | None]) -> str | None:
