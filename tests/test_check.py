@@ -17,7 +17,7 @@ from conftest import requires_gpu
 from resnet_fast import validation
 from resnet_fast.check import cases as case_lists
 from resnet_fast.check.__main__ import EXIT_NO_GPU
-from resnet_fast.check.runner import FAIL, PASS, CaseRun
+from resnet_fast.check.runner import FAIL, PASS, CaseRun, skip_reason
 from resnet_fast.ops import dispatch, reference
 from resnet_fast.validation import DeviceIdentity
 
@@ -143,6 +143,26 @@ def test_a_crashing_kernel_is_a_failed_row_not_a_crash(monkeypatch):
     case = case_lists.conv2d_stats_case((1, 3, 5, 5), 4, 3, 1, torch.float32, True, prologue=True)
     rows = CaseRun(case, torch.device("cpu"), 0).rows("triton")
     assert [r.result for r in rows] == [FAIL] and "RuntimeError: launch failed" in rows[0].detail
+
+
+@pytest.mark.parametrize("capability", [(7, 0), (7, 5), (8, 0), (9, 0)])
+def test_kernels_auto_never_runs_on_a_gpu_are_skipped(monkeypatch, capability):
+    """Triton's tl.dot convolutions below sm_80 and the WMMA convolution from sm_80 on are not
+    what auto runs there: the check skips them, saying why; the rest runs."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    gpu = torch.device("cuda", 0)
+    cases = {c.operator: c for c in case_lists.gpu_cases([torch.float16])}
+    below_sm80 = capability < (8, 0)
+    reason = skip_reason(cases["conv2d_stats"], "triton", gpu, interpreted=False)
+    assert (reason is not None) == below_sm80
+    if below_sm80:
+        assert reason.startswith("auto never runs it here") and "needs compute capability 8.0" in reason
+    reason = skip_reason(cases["conv2d_tensor_core"], "cuda", gpu, interpreted=False)
+    assert (reason is None) == below_sm80
+    assert skip_reason(cases["conv2d_tensor_core"], "triton", gpu, interpreted=False) == (
+        "conv2d_tensor_core is not a triton kernel")
+    assert skip_reason(cases["batch_norm_act"], "triton", gpu, interpreted=False) is None
+    assert skip_reason(cases["conv2d_stats"], "cuda", gpu, interpreted=False) is None
 
 
 # ----------------------------------------------------------------------------- on a GPU

@@ -105,7 +105,7 @@ def _backend_reasons(name: str, device, interpreted: bool) -> list[str]:
     return list(backend.availability()) + list(backend.device_check(torch.empty(0, device=device)))
 
 
-def _work(args, device, interpreted: bool, identity) -> list[tuple]:
+def _work(interpreted: bool, identity) -> list[tuple]:
     """(backend, what, ...) items in the order they run."""
     import torch
 
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     results = [BackendResult(name, _backend_reasons(name, device, args.interpret))
                for name in (args.backend or FUSED_BACKENDS)]
     active = [r for r in results if r.checked]
-    items = _work(args, device, args.interpret, identity)
+    items = _work(args.interpret, identity)
     model_step = ModelStep(device)
     start = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

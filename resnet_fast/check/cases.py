@@ -21,6 +21,7 @@ from torch import Tensor
 
 import resnet_fast.ops as ops
 from resnet_fast.ops import reference
+from resnet_fast.ops.conv2d_cuda import TENSOR_CORE_KERNEL_BELOW
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -70,7 +71,7 @@ class Case:
     reference_call: Callable[[dict[str, Tensor], bool], dict[str, Tensor]] | None = None  # float64, when
     # the operator itself takes only low-precision input
     backends: tuple[str, ...] | None = None  # None: every backend that implements ``operator``
-    capability_op: str | None = None  # the dispatcher operator whose capability requirement applies
+    capability_below: tuple[int, int] | None = None  # the backend runs this kernel only below this capability
 
     @property
     def layout(self) -> str:
@@ -220,7 +221,8 @@ def update_running_stats_case(channels: int, momentum: float | None, dtype: torc
 
 
 def conv2d_tensor_core_case(shape, out_channels, kernel, stride, channels_last, *, stats: bool) -> Case:
-    """The cuda backend's own WMMA convolution (float16): statistics form or inference epilogue."""
+    """The cuda backend's own WMMA convolution (float16): statistics form or inference epilogue.
+    ``conv2d_stats`` runs it on compute capability 7.x only, so only there is it checked."""
     n, c, h, w = shape
     padding = kernel // 2
     out_shape = (n, out_channels, (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1)
@@ -248,7 +250,7 @@ def conv2d_tensor_core_case(shape, out_channels, kernel, stride, channels_last, 
     what = "statistics" if stats else "bias+residual+ReLU epilogue"
     return Case("conv2d_tensor_core", f"{_shape(shape)} {c}->{out_channels} {kernel}x{kernel}/{stride} {what}",
                 torch.float16, channels_last, tuple(args), call, relu=not stats, backward=False,
-                reference_call=reference_call, backends=("cuda",), capability_op="conv2d_stats")
+                reference_call=reference_call, backends=("cuda",), capability_below=TENSOR_CORE_KERNEL_BELOW)
 
 
 # ----------------------------------------------------------------------------- labels

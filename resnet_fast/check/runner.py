@@ -228,9 +228,12 @@ def skip_reason(case: Case, backend_name: str, device: torch.device, interpreted
     elif case.operator not in backend.kernels:
         return f"{case.operator} is not implemented in the {backend_name} backend"
     if device.type == "cuda":
-        op = case.capability_op or case.operator
-        example = torch.empty(0, device=device, dtype=case.dtype)
-        reason = backend.capability_reason(op, example) if op in backend.kernels else None
+        capability = tuple(torch.cuda.get_device_capability(device))
+        if case.capability_below is not None and capability >= case.capability_below:
+            return (f"auto never runs it here: the {backend_name} backend runs {case.operator} only below compute "
+                    f"capability %d.%d" % case.capability_below)
+        requirement = backend.requirements.get(case.operator)
+        reason = None if requirement is None else requirement.reason(backend_name, case.operator, device, capability)
         if reason is not None:
             return f"auto never runs it here: {reason}"
     return None
