@@ -69,15 +69,26 @@ def backend(name: str):
 
 # ----------------------------------------------------------------------------- inputs
 
+def tested_dtype(arg: Arg, dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``arg`` has in a run in ``dtype``: activations and convolution weights that
+    dtype, per-channel tensors and running statistics float32 (float64 in a float64 run)."""
+    if arg.kind in (ACTIVATION, CONV_WEIGHT) or dtype == torch.float64:
+        return dtype
+    return torch.float32
+
+
 def draw_inputs(case: Case, seed: int) -> dict[str, Tensor]:
-    """The case's inputs in float64 on the CPU (N(0, 1), or U(0.5, 1.5) for ``positive``)."""
+    """The case's inputs on the CPU (N(0, 1), or U(0.5, 1.5) for ``positive``), drawn in
+    float64 and rounded to the dtype each has in the tested run: every run, the float64
+    reference included, sees the same input values."""
     generator = torch.Generator().manual_seed(seed)
     values = {}
     for arg in case.args:
         if arg.positive:
-            values[arg.name] = torch.rand(arg.shape, dtype=torch.float64, generator=generator) + 0.5
+            value = torch.rand(arg.shape, dtype=torch.float64, generator=generator) + 0.5
         else:
-            values[arg.name] = torch.randn(arg.shape, dtype=torch.float64, generator=generator)
+            value = torch.randn(arg.shape, dtype=torch.float64, generator=generator)
+        values[arg.name] = value.to(tested_dtype(arg, case.dtype)).double()
     return values
 
 
@@ -85,12 +96,9 @@ def _materialise(arg: Arg, value: Tensor, dtype: torch.dtype, channels_last: boo
     """``value`` as the case passes it: activations and convolution weights in ``dtype`` and
     the layout, per-channel tensors and running statistics in float32 (float64 for a
     float64 run), a strided view for ``noncontiguous``, gradients required for ``grad``."""
-    if arg.kind in (ACTIVATION, CONV_WEIGHT):
-        t = value.to(device=device, dtype=dtype, copy=True)
-        if channels_last:
-            t = t.contiguous(memory_format=torch.channels_last)
-    else:
-        t = value.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32, copy=True)
+    t = value.to(device=device, dtype=tested_dtype(arg, dtype), copy=True)
+    if arg.kind in (ACTIVATION, CONV_WEIGHT) and channels_last:
+        t = t.contiguous(memory_format=torch.channels_last)
     if arg.noncontiguous:
         wide = torch.zeros(2 * t.numel(), dtype=t.dtype, device=t.device)
         wide[::2] = t
@@ -122,8 +130,8 @@ def _run(case: Case, values: dict[str, Tensor], dys: dict[str, Tensor], dtype: t
         wrt = [arg.name for arg in case.args if arg.grad]
         heads = [outputs[name] for name in case.grad_outputs]
         for name, head in zip(case.grad_outputs, heads):
-            if name not in dys:
-                dys[name] = torch.randn(head.shape, dtype=torch.float64, generator=generator)
+            if name not in dys:  # drawn in float64, rounded to the tested output's dtype
+                dys[name] = torch.randn(head.shape, dtype=torch.float64, generator=generator).to(head.dtype).double()
         head_grads = [dys[name].to(device=h.device, dtype=h.dtype) for name, h in zip(case.grad_outputs, heads)]
         computed = torch.autograd.grad(heads, [tensors[name] for name in wrt], head_grads, allow_unused=True)
         grads = {f"grad_{name}": g.detach() for name, g in zip(wrt, computed) if g is not None}
@@ -256,7 +264,7 @@ class ModelStep:
 
     def _batch(self) -> tuple[Tensor, Tensor]:
         generator = torch.Generator().manual_seed(self.seed)
-        images = torch.randn(8, 3, 32, 32, generator=generator, dtype=torch.float64)
+        images = torch.randn(8, 3, 32, 32, generator=generator, dtype=torch.float64).float().double()
         return images, torch.randint(0, 10, (8,), generator=generator)
 
     def _step(self, model: torch.nn.Module, device, dtype: torch.dtype | None, float64: bool = False) -> dict:
