@@ -16,7 +16,7 @@ from conftest import requires_gpu
 
 from resnet_fast import validation
 from resnet_fast.check import cases as case_lists
-from resnet_fast.check.__main__ import EXIT_NO_GPU
+from resnet_fast.check.__main__ import EXIT_NO_GPU, select_dtypes
 from resnet_fast.check.runner import FAIL, PASS, CaseRun, skip_reason
 from resnet_fast.ops import dispatch, reference
 from resnet_fast.validation import DeviceIdentity
@@ -104,6 +104,19 @@ def test_the_gpu_case_list_covers_what_the_check_promises():
 def test_a_gpu_without_bfloat16_is_checked_in_float32_and_float16():
     cases = case_lists.gpu_cases([torch.float32, torch.float16])
     assert {c.dtype for c in cases} == {torch.float32, torch.float16}
+
+
+def test_dtype_selection_and_partial_checks():
+    """--dtype narrows the check; leaving out a dtype the GPU has makes it partial (no record);
+    asking for one it lacks is an error naming it."""
+    h100, t4 = DeviceIdentity("NVIDIA H100", (9, 0)), DeviceIdentity("Tesla T4", (7, 5))
+    assert select_dtypes(h100, None) == (ALL_DTYPES, False)
+    assert select_dtypes(t4, None) == ([torch.float32, torch.float16], False)
+    assert select_dtypes(h100, ["bf16"]) == ([torch.bfloat16], True)
+    assert select_dtypes(t4, ["fp16", "fp32"]) == ([torch.float32, torch.float16], False)
+    with pytest.raises(ValueError, match="--dtype bf16: Tesla T4 .* does not compute in it"):
+        select_dtypes(t4, ["bf16"])
+    assert select_dtypes(None, ["fp32"]) == ([], False)
 
 
 def test_every_gpu_case_runs_under_the_reference_backend_on_cpu():

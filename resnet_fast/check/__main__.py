@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--interpret", action="store_true",
                         help="run the triton backend through Triton's interpreter on the CPU (tiny shapes); "
                              "tests the command, validates no GPU")
+    parser.add_argument("--dtype", action="append", choices=("fp32", "fp16", "bf16"),
+                        help="check only this dtype (repeatable; default: every dtype the GPU has). A check that "
+                             "leaves out a dtype the GPU has writes no record")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write every result and verdict as JSON")
     parser.add_argument("--record-dir", type=Path, metavar="DIR",
                         help="write validation records here instead of the user cache "
@@ -61,6 +64,7 @@ class BackendResult:
     seconds: float = 0.0
     record_path: str | None = None
     record: dict | None = None
+    record_note: str | None = None
 
     @property
     def checked(self) -> bool:
@@ -85,13 +89,15 @@ class BackendResult:
         if self.failures:
             return (f"{self.name}: FAILED {len(self.failures)} of {len(self.ran)} checks ({', '.join(dtypes)}) in "
                     f"{self.seconds:.0f} s; auto will not use it here")
-        where = f"; record {self.record_path}" if self.record_path else ""
+        where = f"; record {self.record_path}" if self.record_path else (f"; {self.record_note}"
+                                                                         if self.record_note else "")
         return f"{self.name}: passed all {len(self.ran)} checks ({', '.join(dtypes)}) in {self.seconds:.0f} s{where}"
 
     def to_json(self) -> dict:
         return {"checked": self.checked, "reasons": self.reasons, "passed": self.passed,
                 "checks": len(self.ran), "failures": len(self.failures), "seconds": self.seconds,
-                "verdict": self.verdict(), "record_path": self.record_path, "record": self.record}
+                "verdict": self.verdict(), "record_path": self.record_path, "record": self.record,
+                "record_note": self.record_note}
 
 
 def _backend_reasons(name: str, device, interpreted: bool) -> list[str]:
@@ -105,17 +111,39 @@ def _backend_reasons(name: str, device, interpreted: bool) -> list[str]:
     return list(backend.availability()) + list(backend.device_check(torch.empty(0, device=device)))
 
 
-def _work(interpreted: bool, identity) -> list[tuple]:
-    """(backend, what, ...) items in the order they run."""
+def gpu_dtypes(identity) -> list:
+    """The dtypes a GPU computes in: float32, float16, and bfloat16 from compute capability 8.0."""
     import torch
 
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if identity.capability >= (8, 0) else [])
+
+
+def select_dtypes(identity, requested: list[str] | None) -> tuple[list, bool]:
+    """(the dtypes to check, whether that leaves out one the GPU has) for ``--dtype``
+    ``requested`` (None: all); ValueError naming a requested dtype the GPU lacks. No
+    dtypes for the interpreter (``identity`` None): its short list fixes them."""
+    if identity is None:
+        return [], False
+    from resnet_fast.check.cases import DTYPE_NAMES
+
+    available = gpu_dtypes(identity)
+    if not requested:
+        return available, False
+    unsupported = sorted(set(requested) - {DTYPE_NAMES[d] for d in available})
+    if unsupported:
+        raise ValueError(f"--dtype {', '.join(unsupported)}: {identity.describe()} does not compute in it")
+    chosen = [d for d in available if DTYPE_NAMES[d] in requested]
+    return chosen, len(chosen) < len(available)
+
+
+def _work(interpreted: bool, dtypes: list) -> list[tuple]:
+    """("case", case, seed) and ("model", dtype, fused_training) items in the order they run."""
     from resnet_fast.check import cases as case_lists
 
     if interpreted:
         cases = case_lists.interpreter_cases()
-        dtypes: list = []
+        dtypes = []
     else:
-        dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if identity.capability >= (8, 0) else [])
         cases = case_lists.gpu_cases(dtypes)
     items = [("case", case, index) for index, case in enumerate(cases)]
     for dtype in dtypes[:1] + dtypes[-1:]:
@@ -187,7 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     results = [BackendResult(name, _backend_reasons(name, device, args.interpret))
                for name in (args.backend or FUSED_BACKENDS)]
     active = [r for r in results if r.checked]
-    items = _work(args.interpret, identity)
+    try:
+        dtypes, partial = select_dtypes(identity, args.dtype)
+    except ValueError as error:
+        console.print(str(error))
+        return EXIT_FAILED
+    items = _work(args.interpret, dtypes)
     model_step = ModelStep(device)
     start = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -213,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
 
     for result in results:
-        if result.passed and not args.no_record:
+        if result.passed and partial:
+            result.record_note = "no record: the check left out a dtype this GPU has"
+        elif result.passed and not args.no_record:
             record = validation.new_record(result.name, identity, sorted({r.dtype for r in result.ran}),
                                            sorted({r.operator for r in result.ran}), len(result.ran))
             path = validation.write_record(record, args.record_dir)
