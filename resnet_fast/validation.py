@@ -90,13 +90,16 @@ def device_identity(device: torch.device) -> DeviceIdentity:
 
 
 def triton_version() -> str | None:
-    """The installed Triton's version, None without Triton."""
-    try:
-        import importlib.metadata
+    """The installed Triton's version (from its package metadata, without importing it),
+    None without Triton."""
+    import importlib.metadata
 
-        return importlib.metadata.version("triton")
-    except Exception:  # noqa: BLE001  not installed, or installed without metadata
-        return None
+    for distribution in ("triton", "pytorch-triton"):
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def current_versions() -> dict[str, str | None]:
