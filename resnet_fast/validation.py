@@ -204,7 +204,8 @@ class ValidationRecord:
                 raise ValueError(f"field {name!r} is missing or not a string")
         capability = data.get("capability")
         if capability is not None:
-            if not (isinstance(capability, list) and len(capability) == 2 and all(isinstance(v, int) for v in capability)):
+            if not (isinstance(capability, list) and len(capability) == 2
+                    and all(isinstance(v, int) for v in capability)):
                 raise ValueError(f"field 'capability' must be [major, minor], got {capability!r}")
             capability = tuple(capability)
         for name in ("dtypes", "operators"):

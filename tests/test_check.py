@@ -27,8 +27,8 @@ OPERATORS = {"batch_norm_act", "conv_bn_act", "batch_norm_stats", "scale_shift_a
              "conv2d_bias_act", "conv2d_stats", "conv2d_tensor_core"}
 
 
-def run_check(*args: str, cache: Path, timeout: int = 600, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "PYTHONPATH": str(ROOT), **(extra_env or {})}
+def run_check(*args: str, cache: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "PYTHONPATH": str(ROOT)}
     env.pop("TRITON_INTERPRET", None)
     return subprocess.run([sys.executable, "-m", "resnet_fast.check", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)

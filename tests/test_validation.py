@@ -249,7 +249,8 @@ def test_the_decision_is_cached_per_backend_and_device(gpu, monkeypatch):
     loads, identities = [], []
     real_load, real_identity = validation.load_records, validation.device_identity
     monkeypatch.setattr(validation, "load_records", lambda: loads.append(1) or real_load())
-    monkeypatch.setattr(validation, "device_identity", lambda device: identities.append(device) or real_identity(device))
+    monkeypatch.setattr(validation, "device_identity",
+                        lambda device: identities.append(device) or real_identity(device))
     for _ in range(5):
         assert validation.auto_reason("triton", CUDA0) is None
         assert validation.auto_reason("triton", torch.device("cuda", 1)) is None

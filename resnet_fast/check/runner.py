@@ -274,7 +274,8 @@ class ModelStep:
             model = model.double()
         model = model.to(memory_format=torch.channels_last)
         x = images.to(device, torch.float64 if float64 else torch.float32).contiguous(memory_format=torch.channels_last)
-        autocast = torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        autocast = (torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None
+                    else contextlib.nullcontext())
         with autocast:
             logits = model(x)
         loss = torch.nn.functional.cross_entropy(logits if float64 else logits.float(), labels.to(device))

@@ -8,12 +8,13 @@ the last with the residual add and ReLU in its epilogue, the downsample without 
 
 Fused training pattern (``block.fused_training = True``, or :func:`enable_fused_training`
 on a whole model; by default only where measured faster, see
-:mod:`resnet_fast.nn.fused_training_defaults`): each convolution runs as ``resnet_fast::conv2d_stats``, whose epilogue
-gives its BatchNorm's batch statistics, and the next convolution applies that BatchNorm
-and the ReLU in its prologue, so the normalised activations inside the block are never
-written (nor saved: backward recomputes them). The last BatchNorm, the residual add and
-the ReLU are one ``resnet_fast::scale_shift_act`` (one pass forward, two backward, by the
-BatchNorm stage kernels on CUDA), the shortcut's BatchNorm another. Blocks whose layers do
+:mod:`resnet_fast.nn.fused_training_defaults`): each convolution runs as
+``resnet_fast::conv2d_stats``, whose epilogue gives its BatchNorm's batch statistics, and
+the next convolution applies that BatchNorm and the ReLU in its prologue, so the normalised
+activations inside the block are never written (nor saved: backward recomputes them). The
+last BatchNorm, the residual add and the ReLU are one ``resnet_fast::scale_shift_act`` (one
+pass forward, two backward, by the BatchNorm stage kernels on CUDA), the shortcut's
+BatchNorm another. Blocks whose layers do
 not qualify (:func:`~resnet_fast.nn.conv_bn_act.is_stats_fusable`) run as before.
 """
 

@@ -132,8 +132,9 @@ class Backend:
 
         ``explicit=False`` (the ``auto`` choice) also refuses CPU tensors in a GPU backend
         that could only run them through an interpreter, a GPU backend without a validation
-        record for the device (:func:`resnet_fast.validation.auto_reason`), and a kernel on a GPU below its declared capability (an explicit choice runs that
-        one, see :func:`select_kernel`).
+        record for the device (:func:`resnet_fast.validation.auto_reason`), and a kernel on a
+        GPU below its declared capability (an explicit choice runs that one, see
+        :func:`select_kernel`).
         """
         reasons = list(self.availability())
         if op not in self.kernels:
