@@ -22,10 +22,15 @@ def extension_load_error() -> str | None:
 
 
 def build_info() -> dict | None:
-    """What ``resnet_fast._C`` was built for and from: ``architectures`` (e.g. ``["7.5",
-    "8.0"]``), ``cuda_version``, ``torch_version`` (built against), ``source_fingerprint``
-    and ``build_flags``. None when the extension is not built or predates ``build_info``."""
+    """What the compiled extension says about its own build, or None when it is not built.
+
+    The dict (from ``resnet_fast._C.build_info()``) has ``architectures`` (the compute
+    capabilities compiled, e.g. ``["7.5", "8.0", "9.0"]``), ``cuda_version``,
+    ``torch_version`` (the torch it was built against), ``source_fingerprint`` (sha256 of
+    its csrc sources) and ``build_flags``. None also when the loaded extension predates
+    ``build_info``.
+    """
     if extension_load_error() is not None:
         return None
-    describe = getattr(importlib.import_module("resnet_fast._C"), "build_info", None)
-    return None if describe is None else dict(describe())
+    report = getattr(importlib.import_module("resnet_fast._C"), "build_info", None)
+    return None if report is None else dict(report())

@@ -116,6 +116,18 @@ def short_lines(data: dict[str, Any]) -> list[str]:
             + f"; selected: {data['selected']}"]
 
 
+def auto_text(entry: dict[str, Any]) -> str:
+    """Whether ``auto`` may choose a backend here, and on what grounds: the validation record
+    that enables it on each GPU, or why none does (``backend_info()``'s ``validation``)."""
+    per_device = entry.get("validation") or {}
+    if entry["auto"]:
+        records = [f"{device}: {v['record']}" for device, v in per_device.items() if v.get("record")]
+        return "yes" + (f" ({'; '.join(records)})" if records else "")
+    if not per_device:
+        return "no: only with a CUDA device and a validation record for it (python -m resnet_fast.check)"
+    return "no: " + "; ".join(f"{device}: {v.get('reason')}" for device, v in per_device.items())
+
+
 def _tables(data: dict[str, Any]) -> list[Table]:
     ext = data["extension"]
     extension = Table(title="CUDA extension resnet_fast._C", show_header=False, title_justify="left")
@@ -140,7 +152,7 @@ def _tables(data: dict[str, Any]) -> list[Table]:
     for column in ("backend", "available", "auto may choose it", "reasons"):
         backends.add_column(column, overflow="fold")
     for name, entry in data["backends"].items():
-        auto = "yes" if entry["auto"] else f"no: {entry['auto_gate']}"
+        auto = auto_text(entry)
         reasons = "\n".join(entry["reasons"]) or "-"
         backends.add_row(name + (" (selected)" if data["selected"] == name else ""),
                          "[green]yes[/]" if entry["available"] else "[red]no[/]", auto, reasons)
