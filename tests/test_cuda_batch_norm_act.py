@@ -271,10 +271,26 @@ def test_stage_schemas():
     assert returns == ["sum_dy", "sum_dy_xhat"]
 
 
+def test_explicit_cuda_backend_trains_with_running_statistics(monkeypatch):
+    """set_backend("cuda") runs the running-statistics update too (it used to refuse it)."""
+    monkeypatch.setattr(BACKENDS["cuda"], "availability", lambda: [])
+    monkeypatch.setattr(BACKENDS["cuda"], "device_check", lambda x: [])
+    previous = get_backend()
+    set_backend("cuda")
+    try:
+        running_mean, running_var = torch.zeros(3), torch.ones(3)
+        x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+        resnet_fast.ops.batch_norm_act(x, None, None, running_mean, running_var, momentum=0.5)
+    finally:
+        set_backend(previous)
+    torch.testing.assert_close(running_mean, 0.5 * x.mean(dim=(0, 2, 3)).float())
+
+
 def test_cuda_backend_implements_the_batch_norm_family():
     for op in BACKEND_OPS:
         assert BACKENDS["cuda"].kernels[op] is getattr(stages, op)
-    assert "update_running_stats" not in BACKENDS["cuda"].kernels  # stays on the torch backend
+    # the torch function serves the running-statistics update (a C-element op)
+    assert BACKENDS["cuda"].kernels["update_running_stats"] is BACKENDS["torch"].kernels["update_running_stats"]
     if not torch.cuda.is_available():
         reasons = BACKENDS["cuda"].not_supported_reasons("batch_norm_act", torch.ones(2, 3, 1, 1))
         assert any("not on a CUDA device" in r for r in reasons)

@@ -279,3 +279,11 @@ def test_build_info_describes_this_build():
     # a new dict each call
     info["architectures"].append("0.0")
     assert "0.0" not in build_info()["architectures"]
+
+
+def test_validation_hashes_csrc_as_the_build_does():
+    """Without build_info(), validation records fingerprint csrc/ themselves: the same hash
+    setup.py compiles in, so a record made either way matches the other."""
+    from resnet_fast import validation
+
+    assert validation.csrc_fingerprint(ROOT / "csrc") == _build.source_fingerprint(ROOT / "csrc")
