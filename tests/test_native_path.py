@@ -24,6 +24,7 @@ import resnet_fast
 import resnet_fast.nn as rf
 from resnet_fast.models.cifar import CifarResNet
 from resnet_fast.nn.blocks import conv1x1
+from resnet_fast import validation
 from resnet_fast.ops import dispatch
 
 
@@ -218,13 +219,20 @@ def test_native_path_compiles_without_graph_breaks():
 
 def test_a_fused_backend_that_auto_may_use_ends_the_native_path(monkeypatch):
     """auto_refusal is the one hook validation answers: once it lets auto use a fused
-    backend on a GPU, tensors there leave the native path (CPU tensors never do)."""
+    backend on a GPU, tensors there leave the native path (CPU tensors never do). The
+    modules follow validation.clear_cache() (a record written in the process)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
         gpu_tensor = torch.empty(2, 4, 4, 4, device="cuda")
-    assert dispatch.runs_native(gpu_tensor)  # as shipped: no validation, native
-    monkeypatch.setattr(dispatch, "auto_refusal", lambda backend, device: None)
     monkeypatch.setattr(dispatch.BACKENDS["triton"], "availability", lambda: [])
+    monkeypatch.setattr(dispatch, "auto_refusal", lambda backend, device: "no validation record")
+    dispatch.clear_dispatch_cache()
+    assert dispatch.runs_native(gpu_tensor)
+    monkeypatch.setattr(dispatch, "auto_refusal", lambda backend, device: None)
+    dispatch.clear_dispatch_cache()
     assert not dispatch.runs_native(gpu_tensor)
     assert dispatch.runs_native(torch.zeros(1))
+    monkeypatch.setattr(dispatch, "auto_refusal", lambda backend, device: "no validation record")
+    validation.clear_cache()
+    assert dispatch.runs_native(gpu_tensor)

@@ -26,7 +26,7 @@ from resnet_fast.ops.common import (
     check_same_device,
     output_memory_format,
 )
-from resnet_fast.ops.dispatch import select_kernel, selected_backend
+from resnet_fast.ops.dispatch import chosen_backend, select_kernel
 from resnet_fast.ops.triton_ops import share_autograd, triton_op
 
 
@@ -115,7 +115,7 @@ def conv2d_bias_act(
     output's shape) is added and ReLU applied when asked.
     """
     args = (input, weight, bias, residual, _pair(stride), _pair(padding), _pair(dilation), relu)
-    if isinstance(input, Tensor) and selected_backend("conv2d_bias_act", input) == "triton":
+    if isinstance(input, Tensor) and chosen_backend("conv2d_bias_act", input) == "triton":
         _check(*args[:-1])  # then the triton_op itself, which torch.compile sees into
         return triton_op("conv2d_bias_act")(*args)
     return conv2d_bias_act_op(*args)

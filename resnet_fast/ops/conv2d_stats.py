@@ -56,7 +56,7 @@ from resnet_fast.ops.common import (
     check_same_device,
     output_memory_format,
 )
-from resnet_fast.ops.dispatch import select_kernel, selected_backend
+from resnet_fast.ops.dispatch import chosen_backend, select_kernel
 from resnet_fast.ops.scale_shift_act import apply_scale_shift, scale_shift_backward
 from resnet_fast.ops.triton_ops import share_autograd, triton_op
 
@@ -175,7 +175,7 @@ def conv2d_stats(
     """
     args = (input, weight, _pair(stride), _pair(padding), _pair(dilation), prologue_scale, prologue_shift,
             prologue_relu)
-    if isinstance(input, Tensor) and selected_backend("conv2d_stats", input) == "triton":
+    if isinstance(input, Tensor) and chosen_backend("conv2d_stats", input) == "triton":
         _check(*args[:-1])  # then the triton_op itself, which torch.compile sees into
         return triton_op("conv2d_stats")(*args)
     return conv2d_stats_op(*args)

@@ -2,7 +2,7 @@
 
 A ``triton_op`` called from inside an opaque ``custom_op`` is invisible to torch.compile:
 Inductor sees only the outer operator. So when the ``triton`` backend serves a call
-(:func:`resnet_fast.ops.dispatch.selected_backend`), the wrappers (:func:`resnet_fast.ops.batch_norm_act`,
+(:func:`resnet_fast.ops.dispatch.chosen_backend`), the wrappers (:func:`resnet_fast.ops.batch_norm_act`,
 ``conv_bn_act``, ``conv2d_bias_act``, ``conv2d_stats``) check the arguments as the
 operator would and call the ``triton_op`` itself — ``resnet_fast::triton_batch_norm_act_forward``
 and ``_backward``, ``triton_conv2d_bias_act``, ``triton_conv2d_stats`` — with the
