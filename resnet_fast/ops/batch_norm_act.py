@@ -32,8 +32,8 @@ from resnet_fast.ops.common import (
     check_same_device,
     output_memory_format,
 )
-from resnet_fast.ops.dispatch import chosen_backend, select_kernel
-from resnet_fast.ops.triton_ops import share_autograd, triton_op
+from resnet_fast.ops.dispatch import select_kernel
+from resnet_fast.ops.triton_ops import share_autograd, triton_op, uses_triton_op
 
 
 def check_batch_norm_act_args(input, weight, bias, residual, running_mean, running_var, training) -> None:
@@ -158,7 +158,7 @@ def batch_norm_act_grads(ctx, grad_out: Tensor, x: Tensor, weight, mean, var, ou
     Shared by this op's autograd and by ``conv_bn_act``'s; ``x`` is the normalised tensor.
     """
     backward = batch_norm_act_backward_op
-    if chosen_backend("batch_norm_act_backward", x) == "triton":
+    if uses_triton_op("batch_norm_act_backward", x):
         backward = triton_op("batch_norm_act_backward")
     grad_input, grad_weight, grad_bias, grad_residual = backward(
         grad_out, x, weight, mean, var, out, ctx.training, ctx.eps, ctx.relu, need_residual and ctx.relu
@@ -195,7 +195,7 @@ def batch_norm_act_forward(input, weight, bias, residual, running_mean, running_
     """``resnet_fast::batch_norm_act``, or, when the triton backend serves the call, its
     ``triton_op`` called directly after the same checks (:mod:`resnet_fast.ops.triton_ops`:
     what torch.compile can see into)."""
-    if isinstance(input, Tensor) and chosen_backend("batch_norm_act", input) == "triton":
+    if isinstance(input, Tensor) and uses_triton_op("batch_norm_act", input):
         check_batch_norm_act_args(input, weight, bias, residual, running_mean, running_var, training)
         forward = triton_op("batch_norm_act")
         return forward(input, weight, bias, residual, running_mean, running_var, training, eps, relu)

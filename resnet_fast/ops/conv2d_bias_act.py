@@ -26,8 +26,8 @@ from resnet_fast.ops.common import (
     check_same_device,
     output_memory_format,
 )
-from resnet_fast.ops.dispatch import chosen_backend, select_kernel
-from resnet_fast.ops.triton_ops import share_autograd, triton_op
+from resnet_fast.ops.dispatch import select_kernel
+from resnet_fast.ops.triton_ops import share_autograd, triton_op, uses_triton_op
 
 
 def _check(input, weight, bias, residual, stride, padding, dilation) -> tuple[int, int, int, int]:
@@ -115,7 +115,7 @@ def conv2d_bias_act(
     output's shape) is added and ReLU applied when asked.
     """
     args = (input, weight, bias, residual, _pair(stride), _pair(padding), _pair(dilation), relu)
-    if isinstance(input, Tensor) and chosen_backend("conv2d_bias_act", input) == "triton":
+    if isinstance(input, Tensor) and uses_triton_op("conv2d_bias_act", input):
         _check(*args[:-1])  # then the triton_op itself, which torch.compile sees into
         return triton_op("conv2d_bias_act")(*args)
     return conv2d_bias_act_op(*args)

@@ -56,9 +56,9 @@ from resnet_fast.ops.common import (
     check_same_device,
     output_memory_format,
 )
-from resnet_fast.ops.dispatch import chosen_backend, select_kernel
+from resnet_fast.ops.dispatch import select_kernel
 from resnet_fast.ops.scale_shift_act import apply_scale_shift, scale_shift_backward
-from resnet_fast.ops.triton_ops import share_autograd, triton_op
+from resnet_fast.ops.triton_ops import share_autograd, triton_op, uses_triton_op
 
 
 def _check(input, weight, stride, padding, dilation, prologue_scale, prologue_shift):
@@ -175,7 +175,7 @@ def conv2d_stats(
     """
     args = (input, weight, _pair(stride), _pair(padding), _pair(dilation), prologue_scale, prologue_shift,
             prologue_relu)
-    if isinstance(input, Tensor) and chosen_backend("conv2d_stats", input) == "triton":
+    if isinstance(input, Tensor) and uses_triton_op("conv2d_stats", input):
         _check(*args[:-1])  # then the triton_op itself, which torch.compile sees into
         return triton_op("conv2d_stats")(*args)
     return conv2d_stats_op(*args)

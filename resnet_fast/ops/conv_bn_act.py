@@ -32,7 +32,8 @@ from resnet_fast.ops.common import (
     check_conv_args,
     output_memory_format,
 )
-from resnet_fast.ops.dispatch import chosen_backend, select_kernel
+from resnet_fast.ops.dispatch import select_kernel
+from resnet_fast.ops.triton_ops import uses_triton_op
 
 
 def check_conv_bn_act_args(input, conv_weight, conv_bias, stride, padding, dilation, groups, weight, bias,
@@ -153,7 +154,7 @@ def conv_bn_act(
     training.
     """
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    if isinstance(input, Tensor) and chosen_backend("conv_bn_act", input) == "triton":
+    if isinstance(input, Tensor) and uses_triton_op("conv_bn_act", input):
         # The triton backend's conv_bn_act is cuDNN's convolution, then its batch_norm_act:
         # called as such, torch.compile sees the BatchNorm's triton_op (and autograd the aten conv).
         check_conv_bn_act_args(input, conv_weight, conv_bias, stride, padding, dilation, groups, weight, bias,

@@ -398,18 +398,24 @@ def select_kernel(op: str, example: torch.Tensor) -> Callable:
 def chosen_backend(op: str, example: torch.Tensor) -> str | None:
     """The name of the backend the current choice runs ``op`` on ``example`` with (None:
     the choice refuses it; :func:`select_kernel` then raises, with the reasons). What tools
-    report as "ran", e.g. ``torch`` for ``auto`` on a CPU; the wrappers ask it to call the
-    ``triton`` backend's ``triton_op`` directly. Under torch.compile it is decided at trace
-    time (the graph is guarded on the choice, the device and the dtype)."""
+    report as "ran", e.g. ``torch`` for ``auto`` on a CPU (the wrappers ask it, through
+    :func:`resnet_fast.ops.triton_ops.uses_triton_op`, whether to call the ``triton``
+    backend's ``triton_op`` directly). Under torch.compile it is decided at trace time (the
+    graph is guarded on the choice, the device and the dtype)."""
     return _chosen_backend(op, example.device, example.dtype, _state["choice"])
 
 
-@torch.compiler.assume_constant_result
-def _chosen_backend(op: str, device: torch.device, dtype: torch.dtype, choice: str) -> str | None:
+def chosen_backend_of(op: str, device: torch.device, dtype: torch.dtype, choice: str) -> str | None:
+    """:func:`chosen_backend` for a (device, dtype) and an explicit choice."""
     try:
         return _selection(op, device, dtype, choice)[2]
     except BackendUnavailableError:
         return None
+
+
+@torch.compiler.assume_constant_result
+def _chosen_backend(op: str, device: torch.device, dtype: torch.dtype, choice: str) -> str | None:
+    return chosen_backend_of(op, device, dtype, choice)
 
 
 def _selection(op: str, device: torch.device, dtype: torch.dtype, choice: str) -> tuple[Callable, str | None, str]:

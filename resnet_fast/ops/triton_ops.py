@@ -1,8 +1,8 @@
 """The ``triton`` backend's ``torch.library.triton_op`` operators, reached directly.
 
 A ``triton_op`` called from inside an opaque ``custom_op`` is invisible to torch.compile:
-Inductor sees only the outer operator. So when the ``triton`` backend serves a call
-(:func:`resnet_fast.ops.dispatch.chosen_backend`), the wrappers (:func:`resnet_fast.ops.batch_norm_act`,
+Inductor sees only the outer operator. So when the ``triton`` backend serves a call with its
+shipped kernel (:func:`uses_triton_op`), the wrappers (:func:`resnet_fast.ops.batch_norm_act`,
 ``conv_bn_act``, ``conv2d_bias_act``, ``conv2d_stats``) check the arguments as the
 operator would and call the ``triton_op`` itself — ``resnet_fast::triton_batch_norm_act_forward``
 and ``_backward``, ``triton_conv2d_bias_act``, ``triton_conv2d_stats`` — with the
@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from resnet_fast.kernels import OPERATORS
+from resnet_fast.ops import dispatch
 
 TRITON_OPS = {
     "batch_norm_act": "triton_batch_norm_act_forward",
@@ -63,3 +64,21 @@ def triton_op(op: str) -> torch._ops.OpOverload:
     """``torch.ops.resnet_fast.<triton_op of op>.default``, its module loaded and the
     operator's autograd formula registered on it."""
     return getattr(torch.ops.resnet_fast, _load(op)).default
+
+
+def uses_triton_op(op: str, example: torch.Tensor) -> bool:
+    """Whether a call of ``op`` on ``example`` goes to the triton backend's ``triton_op``:
+    the choice gives it to the triton backend (:func:`~resnet_fast.ops.dispatch.chosen_backend`)
+    and the kernel registered there is the shipped one (its loader or the kernel module's
+    function), not a replacement registered since (which then runs through the operator).
+    Under torch.compile, decided at trace time."""
+    return _uses_triton_op(op, example.device, example.dtype, dispatch.get_backend())
+
+
+@torch.compiler.assume_constant_result
+def _uses_triton_op(op: str, device: torch.device, dtype: torch.dtype, choice: str) -> bool:
+    if dispatch.chosen_backend_of(op, device, dtype, choice) != "triton":
+        return False
+    kernel = dispatch.BACKENDS["triton"].kernels.get(op)
+    shipped_modules = (OPERATORS[op], "resnet_fast.kernels")
+    return getattr(kernel, "__name__", None) == op and getattr(kernel, "__module__", None) in shipped_modules
