@@ -14,7 +14,7 @@ from typing import Callable
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from resnet_fast.bench.profiler import BenchReport, Measurement
+from resnet_fast.bench.profiler import BenchReport, Measurement, variant_label
 
 BAR_GROUP_WIDTH = 0.8  # of the unit distance between two modes
 
@@ -41,7 +41,7 @@ def draw_grouped_bars(axes: Axes, measurements: list[Measurement], value: Callab
         offset = (index - (len(variants) - 1) / 2) * width
         mine = [m for m in measurements if m.variant == variant]
         bars = axes.bar([modes.index(m.mode) + offset for m in mine], [value(m) for m in mine],
-                        width=width, label=variant, color=colors[variant])
+                        width=width, label=variant_label(mine[0]), color=colors[variant])
         axes.bar_label(bars, fmt=bar_number, fontsize=8, padding=2)
     axes.set_xticks(range(len(modes)), modes)
     axes.set_ylabel(label)

@@ -67,6 +67,9 @@ MODELS = IMAGENET_MODELS + CIFAR_MODELS
 MODES = ("train", "infer", "both")
 VARIANT_KINDS = ("eager", "compile", "resnet_fast")
 RESNET_FAST_BACKENDS = ("auto", *BACKEND_NAMES)
+FUSED_OPTION = "fused"  # ``resnet_fast[:backend]+fused``: fused training
+FUSED_INFERENCE_SKIP = ("fused training changes training only: its inference is that of the same "
+                        "variant without +fused")
 
 NUM_BATCHES = 3  # input batches rotated through the steps, so no step re-reads the last one's input
 Batches = list[tuple[torch.Tensor, torch.Tensor]]  # (images, labels) per batch
@@ -98,11 +101,14 @@ class BenchConfigError(ConfigError):
 
 @dataclass(frozen=True)
 class Variant:
-    """One thing to measure: ``eager``, ``compile`` or ``resnet_fast`` with a backend."""
+    """One thing to measure: ``eager``, ``compile`` or ``resnet_fast`` with a backend, and
+    for ``resnet_fast`` optionally fused training (``+fused``:
+    :func:`resnet_fast.nn.enable_fused_training`, training mode only)."""
 
     name: str
     kind: str
     backend: str | None = None
+    fused_training: bool = False
 
 
 @dataclass
@@ -170,6 +176,7 @@ class Measurement:
     baseline: str | None = None
     graph: str | None = None  # what the CUDA graph holds (None: eager steps)
     breakdown: Breakdown | None = None
+    backend: str | None = None  # the resnet_fast backend that ran (auto: what it chose); None for eager/compile
 
 
 @dataclass
@@ -207,21 +214,31 @@ class BenchReport:
 
 
 def parse_variant(text: str) -> Variant:
-    """``"eager"``, ``"compile"``, ``"resnet_fast"`` or ``"resnet_fast:<backend>"``."""
-    kind, _, backend = text.strip().partition(":")
+    """``"eager"``, ``"compile"``, ``"resnet_fast"`` or ``"resnet_fast:<backend>"``, the
+    resnet_fast ones optionally with ``"+fused"`` (fused training), e.g.
+    ``"resnet_fast:triton+fused"`` or ``"resnet_fast+fused"`` (auto)."""
+    text = text.strip()
+    spec, plus, option = text.partition("+")
+    if plus and option != FUSED_OPTION:
+        raise BenchConfigError(f"unknown variant option {'+' + option!r} in {text!r}; the only one is "
+                               f"+{FUSED_OPTION} (fused training of a resnet_fast variant)")
+    kind, _, backend = spec.partition(":")
     if kind not in VARIANT_KINDS:
         raise BenchConfigError(f"unknown variant {text!r}; choose from eager, compile, "
-                               "resnet_fast, resnet_fast:<backend>")
+                               "resnet_fast, resnet_fast:<backend>, each resnet_fast one optionally +fused")
     if kind != "resnet_fast":
         if backend:
             raise BenchConfigError(f"variant {kind!r} takes no backend (got {text!r})")
+        if plus:
+            raise BenchConfigError(f"+{FUSED_OPTION} is resnet_fast's fused training; {kind!r} has none "
+                                   f"(got {text!r})")
         return Variant(name=kind, kind=kind)
     backend = backend or "auto"
     if backend not in RESNET_FAST_BACKENDS:
         raise BenchConfigError(f"unknown resnet_fast backend {backend!r} in {text!r}; "
                                f"choose one of {', '.join(RESNET_FAST_BACKENDS)}")
-    name = "resnet_fast" if backend == "auto" else f"resnet_fast:{backend}"
-    return Variant(name=name, kind=kind, backend=backend)
+    name = ("resnet_fast" if backend == "auto" else f"resnet_fast:{backend}") + (f"+{FUSED_OPTION}" if plus else "")
+    return Variant(name=name, kind=kind, backend=backend, fused_training=bool(plus))
 
 
 def parse_variants(text: str) -> tuple[Variant, ...]:
@@ -363,6 +380,39 @@ def check_device_support(config: BenchConfig) -> None:
         raise BenchConfigError(str(error)) from None
 
 
+def auto_backend(info: dict[str, dict], device: torch.device) -> str:
+    """The backend ``auto`` runs resnet_fast's operators on for ``device``, from ``backend_info()``:
+    the first (cuda, triton, torch) that is available and that ``auto`` may choose (CPU
+    tensors always go to ``torch``), with the operators that fall back on this GPU's
+    capability named, e.g. ``"cuda"`` or ``"triton (torch for conv2d_stats)"``."""
+    if device.type == "cuda":
+        for name in BACKEND_NAMES:
+            entry = info[name]
+            if entry["available"] and entry["auto"]:
+                fallback = sorted(entry.get("capability_reasons", {}))
+                return f"{name} (torch for {', '.join(fallback)})" if fallback and name != "torch" else name
+    return "torch"
+
+
+def _chosen_by_auto(measurement: Measurement) -> bool:
+    return measurement.backend is not None and not any(
+        measurement.variant.startswith(f"resnet_fast:{name}") for name in BACKEND_NAMES)
+
+
+def backend_cell(measurement: Measurement) -> str:
+    """The table's backend column: ``"triton"``, ``"auto: torch"``, or ``"-"`` (no resnet_fast)."""
+    if measurement.backend is None:
+        return "-"
+    return f"auto: {measurement.backend}" if _chosen_by_auto(measurement) else measurement.backend
+
+
+def variant_label(measurement: Measurement) -> str:
+    """The variant's name, with the backend ``auto`` chose where the name does not say it,
+    e.g. ``"resnet_fast+fused [auto: torch]"`` (the plot's legend)."""
+    return f"{measurement.variant} [auto: {measurement.backend}]" if _chosen_by_auto(measurement) \
+        else measurement.variant
+
+
 def skip_reasons(variant: Variant, model: str, info: dict[str, dict]) -> list[str]:
     """Why ``variant`` cannot run for ``model`` here (empty: it can), from ``backend_info()``."""
     if variant.kind in ("eager", "compile") and model in CIFAR_MODELS:
@@ -454,6 +504,8 @@ def build_model(config: BenchConfig, variant: Variant, state: dict[str, torch.Te
     else:
         model = getattr(torchvision.models, config.model)(weights=None, num_classes=config.num_classes)
     model.load_state_dict(state, strict=True)
+    if variant.fused_training:
+        resnet_fast.nn.enable_fused_training(model)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(device=config.device, memory_format=memory_format)
     return torch.compile(model) if variant.kind == "compile" else model
@@ -697,8 +749,9 @@ def peak_memory_gib(device: torch.device, graphs: bool) -> float | None:
 
 
 def measure(config: BenchConfig, variant: Variant, mode: str, state: dict[str, torch.Tensor],
-            batches: Batches) -> Measurement:
-    """Warm up, then time ``config.steps`` steps of ``variant`` in ``mode`` on a fresh model.
+            batches: Batches, backend: str | None = None) -> Measurement:
+    """Warm up, then time ``config.steps`` steps of ``variant`` in ``mode`` on a fresh model;
+    ``backend`` (the resnet_fast backend that runs it) labels the measurement.
 
     With ``config.breakdown``, a few more steps (as many as were timed, at most
     :data:`~resnet_fast.bench.trace.PROFILED_STEPS`) are profiled afterwards.
@@ -725,6 +778,7 @@ def measure(config: BenchConfig, variant: Variant, mode: str, state: dict[str, t
         graph=plan.captured if config.cuda_graphs else None,
         breakdown=profile_steps(step, device, trace_path, min(config.steps, PROFILED_STEPS))
         if config.breakdown else None,
+        backend=backend,
     )
 
 
@@ -733,10 +787,17 @@ def run_variant(config: BenchConfig, variant: Variant, state: dict[str, torch.Te
     """Measure ``variant`` in every configured mode, recording a skip where its backend refuses
     or its CUDA graph cannot be captured."""
     device = torch.device(config.device)
+    backend = None
+    if variant.kind == "resnet_fast":
+        backend = variant.backend if variant.backend != "auto" else auto_backend(
+            report.environment["resnet_fast_backends"], device)
     for mode in config.modes:
+        if variant.fused_training and mode != "train":
+            report.skipped.append(Skipped(variant.name, (mode,), [FUSED_INFERENCE_SKIP]))
+            continue
         try:
             with resnet_fast_backend(variant):
-                report.measurements.append(measure(config, variant, mode, state, batches))
+                report.measurements.append(measure(config, variant, mode, state, batches, backend))
         except (resnet_fast.BackendUnavailableError, CaptureError) as error:
             report.skipped.append(Skipped(variant.name, (mode,), [str(error)]))
         finally:
@@ -780,12 +841,12 @@ def results_table(report: BenchReport) -> Table:
     baselines = sorted({m.baseline for m in report.measurements if m.baseline})
     graphs = " (CUDA graphs)" if report.config.cuda_graphs else ""
     table = Table(title=f"{report.config.model} throughput{graphs}", title_justify="left")
-    for header in ("variant", "mode", "images/s", "ms/step (median)", "peak memory (GiB)",
+    for header in ("variant", "backend", "mode", "images/s", "ms/step (median)", "peak memory (GiB)",
                    "compile (s)", f"speedup vs {'/'.join(baselines) or 'eager'}"):
-        justify = "left" if header in ("variant", "mode") else "right"
+        justify = "left" if header in ("variant", "backend", "mode") else "right"
         table.add_column(header, justify=justify, no_wrap=True)
     for m in report.measurements:
-        table.add_row(m.variant, m.mode, f"{m.images_per_s:,.1f}", f"{m.median_ms:.2f}",
+        table.add_row(m.variant, backend_cell(m), m.mode, f"{m.images_per_s:,.1f}", f"{m.median_ms:.2f}",
                       "n/a" if m.peak_memory_gib is None else f"{m.peak_memory_gib:.2f}",
                       "-" if m.compile_s is None else f"{m.compile_s:.1f}",
                       f"{m.speedup:.2f}x")
