@@ -841,10 +841,13 @@ def results_table(report: BenchReport) -> Table:
     baselines = sorted({m.baseline for m in report.measurements if m.baseline})
     graphs = " (CUDA graphs)" if report.config.cuda_graphs else ""
     table = Table(title=f"{report.config.model} throughput{graphs}", title_justify="left")
+    # the labels are never shortened: a narrow terminal shortens the numbers' headers instead
+    label_width = {"variant": max((len(m.variant) for m in report.measurements), default=0),
+                   "backend": max((len(backend_cell(m)) for m in report.measurements), default=0)}
     for header in ("variant", "backend", "mode", "images/s", "ms/step (median)", "peak memory (GiB)",
                    "compile (s)", f"speedup vs {'/'.join(baselines) or 'eager'}"):
         justify = "left" if header in ("variant", "backend", "mode") else "right"
-        table.add_column(header, justify=justify, no_wrap=True)
+        table.add_column(header, justify=justify, no_wrap=True, min_width=label_width.get(header))
     for m in report.measurements:
         table.add_row(m.variant, backend_cell(m), m.mode, f"{m.images_per_s:,.1f}", f"{m.median_ms:.2f}",
                       "n/a" if m.peak_memory_gib is None else f"{m.peak_memory_gib:.2f}",

@@ -374,6 +374,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> MeterReading:
         """Loss and errors on the evaluation set (ten-crop batches average the crops' softmax)."""
+        if self.graph is not None:  # replays update the weights without bumping their version counters
+            resnet_fast.nn.clear_fold_cache()
         self.eval_model.eval()
         for images, labels in self.data.eval_batches():
             images, labels = self._to_device(images, labels)

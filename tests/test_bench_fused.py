@@ -1,0 +1,199 @@
+"""Fused training in the profiler (``resnet_fast[:<backend>]+fused`` variants) and in the
+training CLI (``--fused-training``; ``--cuda-graphs`` refused where it cannot capture),
+on the CPU with the reference backend. The triton backend's runs of both, interpreted,
+are in ``test_fused_training_models.py``; the CUDA-graph training check is GPU-marked.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from train_fixtures import train
+
+import resnet_fast
+from resnet_fast.bench.__main__ import main as bench_main
+from resnet_fast.bench.plot import build_figure
+from resnet_fast.bench.profiler import (
+    FUSED_INFERENCE_SKIP,
+    BenchConfigError,
+    BenchReport,
+    Measurement,
+    Options,
+    Variant,
+    auto_backend,
+    backend_cell,
+    build_model,
+    parse_variant,
+    parse_variants,
+    resolve_config,
+    variant_label,
+)
+from resnet_fast.nn import BasicBlock
+from resnet_fast.runtime import ConfigError
+from resnet_fast.train.config import resolve_config as resolve_train_config
+from resnet_fast.train.config import Options as TrainOptions
+
+TINY = ["--device", "cpu", "--batch", "2", "--image-size", "32", "--steps", "1", "--warmup", "1"]
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _measurement(variant: str, backend: str | None) -> Measurement:
+    return Measurement(variant=variant, mode="train", timings_ms=[5.0], median_ms=5.0, images_per_s=800.0,
+                       peak_memory_gib=None, backend=backend)
+
+
+# --- variants ---------------------------------------------------------------------------
+
+
+def test_fused_variant_names():
+    assert parse_variant("resnet_fast:triton+fused") == Variant("resnet_fast:triton+fused", "resnet_fast", "triton",
+                                                                fused_training=True)
+    assert parse_variant("resnet_fast:cuda+fused").name == "resnet_fast:cuda+fused"
+    assert parse_variant("resnet_fast+fused") == Variant("resnet_fast+fused", "resnet_fast", "auto", True)
+    assert parse_variant("resnet_fast:auto+fused").name == "resnet_fast+fused"
+    assert not parse_variant("resnet_fast:triton").fused_training
+    names = [v.name for v in parse_variants("resnet_fast:triton,resnet_fast:triton+fused")]
+    assert names == ["resnet_fast:triton", "resnet_fast:triton+fused"]  # two variants, not a duplicate
+
+
+@pytest.mark.parametrize("text, message", [
+    ("eager+fused", "'eager' has none"),
+    ("compile+fused", "'compile' has none"),
+    ("resnet_fast+slow", "unknown variant option '\\+slow'"),
+    ("resnet_fast:nope+fused", "unknown resnet_fast backend 'nope'"),
+    ("resnet_fast+fused,resnet_fast:auto+fused", "listed twice"),
+])
+def test_bad_fused_variants_are_refused(text, message):
+    with pytest.raises(BenchConfigError, match=message):
+        parse_variants(text)
+
+
+def test_fused_variant_model_has_fused_training_on_every_block_and_the_stem():
+    config = resolve_config(Options(device="cpu", batch=2, image_size=32), cuda_available=False)
+    state = resnet_fast.resnet18().state_dict()
+    model = build_model(config, parse_variant("resnet_fast:torch+fused"), state)
+    assert model.fused_training and all(b.fused_training for b in model.modules() if isinstance(b, BasicBlock))
+    plain = build_model(config, parse_variant("resnet_fast:torch"), state)
+    assert not plain.fused_training
+
+
+def test_auto_backend_names_what_auto_chooses():
+    info = {name: {"available": False, "auto": False, "capability_reasons": {}} for name in ("cuda", "triton")}
+    info["torch"] = {"available": True, "auto": True, "capability_reasons": {}}
+    assert auto_backend(info, torch.device("cpu")) == "torch"
+    assert auto_backend(info, torch.device("cuda")) == "torch"
+    info["triton"] = {"available": True, "auto": True, "capability_reasons": {"conv2d_stats": "needs sm_80"}}
+    assert auto_backend(info, torch.device("cuda")) == "triton (torch for conv2d_stats)"
+    assert auto_backend(info, torch.device("cpu")) == "torch"  # CPU tensors never go to a GPU backend
+    info["cuda"] = {"available": True, "auto": True, "capability_reasons": {}}
+    assert auto_backend(info, torch.device("cuda")) == "cuda"
+    info["cuda"]["auto"] = False  # not validated on this GPU: auto passes it by
+    assert auto_backend(info, torch.device("cuda")).startswith("triton")
+
+
+def test_labels_say_which_backend_ran():
+    auto, explicit, eager = (_measurement("resnet_fast+fused", "torch"), _measurement("resnet_fast:triton+fused",
+                             "triton"), _measurement("eager", None))
+    assert variant_label(auto) == "resnet_fast+fused [auto: torch]" and backend_cell(auto) == "auto: torch"
+    assert variant_label(explicit) == "resnet_fast:triton+fused" and backend_cell(explicit) == "triton"
+    assert variant_label(eager) == "eager" and backend_cell(eager) == "-"
+    config = resolve_config(Options(device="cpu", batch=2), cuda_available=False)
+    figure = build_figure(BenchReport(config, {"device_name": "Test CPU"}, [auto, explicit, eager]))
+    legend = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert legend == ["resnet_fast+fused [auto: torch]", "resnet_fast:triton+fused", "eager"]
+
+
+def test_cli_runs_fused_training_variants_and_records_the_backend(tmp_path, capsys):
+    path = tmp_path / "out.json"
+    assert bench_main(["--model", "resnet18", *TINY, "--mode", "both", "--compare",
+                       "resnet_fast:torch,resnet_fast+fused,resnet_fast:torch+fused", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "resnet_fast:torch+fused" in out and "auto: torch" in out and "backend" in out
+    data = json.loads(path.read_text())
+    backends = {(r["variant"], r["mode"]): r["backend"] for r in data["results"]}
+    assert backends == {("resnet_fast:torch", "train"): "torch", ("resnet_fast:torch", "infer"): "torch",
+                        ("resnet_fast+fused", "train"): "torch", ("resnet_fast:torch+fused", "train"): "torch"}
+    assert {(s["variant"], tuple(s["modes"])) for s in data["skipped"]} == {
+        ("resnet_fast+fused", ("infer",)), ("resnet_fast:torch+fused", ("infer",))}
+    assert all(s["reasons"] == [FUSED_INFERENCE_SKIP] for s in data["skipped"])
+    assert data["config"]["variants"] == ["resnet_fast:torch", "resnet_fast+fused", "resnet_fast:torch+fused"]
+
+
+# --- the training CLI -------------------------------------------------------------------
+
+
+def test_train_cli_with_fused_training(tmp_path, monkeypatch):
+    switched = []
+    original = resnet_fast.nn.enable_fused_training
+    monkeypatch.setattr(resnet_fast.nn, "enable_fused_training", lambda model: switched.append(original(model)))
+    out = tmp_path / "run"
+    assert train("synthetic", "--model", "resnet8", "--batch-size", 8, "--image-size", 8, "--num-classes", 3,
+                 "--synthetic-images", 16, "--iterations", 2, "--log-every", 1, "--backend", "torch",
+                 "--fused-training", "--out", out) == 0
+    assert switched == [4]  # resnet8's three blocks and its stem
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["fused_training"] is True and summary["cuda_graphs"] is False
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cuda-graphs"], "--cuda-graphs needs a CUDA device, but this run is on cpu"),
+    (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs a CUDA device"),
+    (["--fused-training", "--eager"], "--fused-training is resnet_fast's convolution fusion"),
+])
+def test_train_cli_refuses_in_one_line_and_creates_nothing(argv, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train("synthetic", "--model", "resnet8", "--out", out, *argv) == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and message in error_lines[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (TrainOptions("synthetic", cuda_graphs=True, compile=True), "cannot be combined with --compile"),
+    (TrainOptions("synthetic", cuda_graphs=True), "--cuda-graphs with 2 processes"),
+])
+def test_cuda_graph_combinations_that_cannot_capture_are_refused_on_a_gpu(options, message):
+    """As a GPU would see them (the device is not used to decide)."""
+    with pytest.raises(ConfigError, match=message):
+        resolve_train_config(options, cuda_available=True, cuda_bf16=True, world_size=2)
+
+
+# --- CUDA graphs in training (GPU) ------------------------------------------------------
+
+
+def _train_on_gpu(tmp_path, name: str, dtype: str, backend: str, fused: bool, graphs: bool):
+    from resnet_fast.train.loop import Trainer
+
+    options = TrainOptions("synthetic", model="resnet20", batch_size=32, iterations=8, milestones=(6,),
+                           num_classes=10, synthetic_images=128, dtype=dtype, backend=backend,
+                           fused_training=fused, cuda_graphs=graphs, deterministic=True, log_every=4,
+                           progress=False, out=str(tmp_path / name))
+    cuda_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    try:
+        trainer = Trainer(resolve_train_config(options, cuda_available=True, cuda_bf16=cuda_bf16))
+        trainer.run()
+    finally:
+        torch.use_deterministic_algorithms(False)  # --deterministic set it for the process
+    return trainer
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("backend, fused", [("torch", False), ("triton", True), ("cuda", True)])
+def test_cuda_graph_training_matches_uncaptured_steps(tmp_path, dtype, backend, fused):
+    """8 steps of ResNet-20 (3 eager warm-up steps, then capture and replays; the learning
+    rate decays at step 6, inside the replays) against the same 8 steps uncaptured."""
+    if dtype == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        pytest.skip("no bf16 on this GPU")
+    graphed = _train_on_gpu(tmp_path, "graphed", dtype, backend, fused, graphs=True)
+    eager = _train_on_gpu(tmp_path, "eager", dtype, backend, fused, graphs=False)
+    assert graphed.graph is not None and graphed.graph.graph is not None  # captured and replayed
+    assert graphed.lr == pytest.approx(eager.lr) == pytest.approx(0.01)
+    tolerance = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 2e-2}[dtype]
+    ours, reference = graphed.module.state_dict(), eager.module.state_dict()
+    for key, value in reference.items():
+        torch.testing.assert_close(ours[key].float(), value.float(), rtol=tolerance, atol=tolerance, msg=key)
+    assert graphed.scaler.get_scale() == eager.scaler.get_scale()
