@@ -197,3 +197,26 @@ def test_cuda_graph_training_matches_uncaptured_steps(tmp_path, dtype, backend, 
     for key, value in reference.items():
         torch.testing.assert_close(ours[key].float(), value.float(), rtol=tolerance, atol=tolerance, msg=key)
     assert graphed.scaler.get_scale() == eager.scaler.get_scale()
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_profiler_cuda_graphs_capture_fused_training(tmp_path, dtype):
+    """The headline's fused-training variants, captured whole (fp16: GradScaler and fused SGD inside)."""
+    if dtype == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        pytest.skip("no bf16 on this GPU")
+    path = tmp_path / "fused.json"
+    assert bench_main(["--device", "cuda", "--model", "resnet18", "--batch", "8", "--image-size", "64",
+                       "--steps", "3", "--warmup", "2", "--dtype", dtype, "--mode", "train", "--cuda-graphs",
+                       "--compare", "eager,resnet_fast:triton+fused,resnet_fast:cuda+fused",
+                       "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    measured = {r["variant"]: r for r in data["results"]}
+    assert set(measured) | {s["variant"] for s in data["skipped"]} >= {"resnet_fast:triton+fused",
+                                                                         "resnet_fast:cuda+fused"}
+    for name in ("resnet_fast:triton+fused", "resnet_fast:cuda+fused"):
+        if name in measured:  # a backend this GPU lacks is skipped with its reason
+            assert measured[name]["backend"] == name.split(":")[1].removesuffix("+fused")
+            assert "fused SGD step" in measured[name]["graph"] and measured[name]["images_per_s"] > 0
+    assert "resnet_fast:triton+fused" in measured  # every GPU the project supports runs Triton

@@ -12,6 +12,7 @@ absence of aten convolutions and batch norms is proved for what the kernels laun
 from __future__ import annotations
 
 import copy
+import json
 from collections import Counter
 
 import pytest
@@ -23,6 +24,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import resnet_fast
+from resnet_fast.nn import conv_bn_act as conv_bn_act_module
 from resnet_fast.nn import enable_fused_training
 
 # What a fused-training forward may call besides elementwise and pooling aten ops.
@@ -155,7 +157,7 @@ def test_convert_keeps_a_torchvision_resnet_subclass_and_says_so():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the triton check runs on it")
 def test_interpreter_run():
     """The ``cpu`` tests of this file again, in a fresh process with TRITON_INTERPRET=1."""
-    run_cpu_tests_in_triton_interpreter(__file__, min_passed=1)
+    run_cpu_tests_in_triton_interpreter(__file__, min_passed=3)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
@@ -178,3 +180,40 @@ def test_triton_fused_training_forward_runs_no_aten_convolution_or_batch_norm(de
     names = Counter(event.name for event in profile.events())
     assert not [name for name in names if is_aten_convolution_or_batch_norm(name)], names
     assert names["resnet_fast::triton_conv2d_stats"] == convolutions(model)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_profiler_times_triton_fused_training(device, tmp_path, monkeypatch):
+    from resnet_fast.bench.__main__ import main
+
+    kernels = import_kernel_module("resnet_fast.kernels.conv2d")
+    if device == "cpu":
+        monkeypatch.setattr(kernels, "INTERPRETER_BLOCKS", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64})
+    path = tmp_path / "fused.json"
+    assert main(["--device", device, "--model", "resnet20", "--batch", "2", "--image-size", "8", "--steps", "1",
+                 "--warmup", "1", "--mode", "train", "--compare", "resnet_fast:triton+fused",
+                 "--json", str(path)]) == 0
+    [result] = json.loads(path.read_text())["results"]
+    assert result["variant"] == "resnet_fast:triton+fused" and result["backend"] == "triton"
+    assert result["images_per_s"] > 0
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_train_cli_trains_with_triton_fused_training(device, tmp_path, monkeypatch):
+    from train_fixtures import train
+
+    kernels = import_kernel_module("resnet_fast.kernels.conv2d")
+    if device == "cpu":
+        monkeypatch.setattr(kernels, "INTERPRETER_BLOCKS", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64})
+    calls = []
+    conv2d_stats = conv_bn_act_module.conv2d_stats
+    monkeypatch.setattr(conv_bn_act_module, "conv2d_stats",
+                        lambda *args, **kwargs: calls.append(1) or conv2d_stats(*args, **kwargs))
+    out = tmp_path / "run"
+    assert train("synthetic", "--model", "resnet8", "--batch-size", 4, "--image-size", 8, "--num-classes", 3,
+                 "--synthetic-images", 8, "--iterations", 2, "--log-every", 1, "--device", device,
+                 "--backend", "triton", "--fused-training", "--out", out) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["fused_training"] and summary["backend"] == "triton" and summary["iterations"] == 2
+    # per step: the stem and the identity block's two convolutions (option-A shortcut blocks run unfused)
+    assert len(calls) == 2 * 3

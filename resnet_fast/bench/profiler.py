@@ -7,16 +7,18 @@ batches, generated once on the device and rotated.
 
 A training step is forward, cross-entropy on random labels, backward, a foreach SGD step
 (momentum 0.9, lr 0.1, weight decay 1e-4) and ``zero_grad(set_to_none=True)``; fp16 adds
-a GradScaler. An inference step is a forward pass in eval mode under
+a GradScaler. A ``+fused`` variant trains with :func:`resnet_fast.nn.enable_fused_training`
+(stem included); its inference is the same variant's without it, so it is not measured. An inference step is a forward pass in eval mode under
 ``torch.inference_mode``. fp16 / bf16 mean ``torch.autocast`` with that dtype.
 
 With ``cuda_graphs`` a GPU step is captured once in a CUDA graph after warm-up on a
-side stream, and each timed step copies its batch into the graph's static input and
-replays it. A training graph holds forward, loss, backward and the SGD step (SGD has no
-``capturable`` flag and needs none: its foreach step never syncs the host); under fp16 the
-GradScaler's inf check syncs, so the graph holds forward, loss and backward and the
-scaler's step runs eagerly after each replay. A variant that cannot be captured is
-skipped with the error.
+side stream (which also autotunes the Triton kernels and cuDNN, so nothing tunes inside
+the capture), and each timed step copies its batch into the graph's static input and
+replays it. A training graph holds the whole step: forward, loss, backward and the SGD
+step, which is then the capturable fused SGD with the learning rate as a device tensor;
+under fp16 the GradScaler hands that optimizer its scale and inf flag without a host sync,
+so its inf check and scale update are in the graph too. A variant that cannot be captured
+is skipped with the error.
 
 On a GPU each timed step sits between two CUDA events and the median is reported; peak
 memory is ``torch.cuda.max_memory_allocated`` over the timed steps (under CUDA graphs
@@ -563,11 +565,20 @@ def autocast(config: BenchConfig) -> torch.autocast:
     return runtime_autocast(config.device, config.dtype, cache_enabled=not config.cuda_graphs)
 
 
+def make_optimizer(model: nn.Module, config: BenchConfig) -> torch.optim.SGD:
+    """SGD (momentum 0.9, lr 0.1, weight decay 1e-4): foreach (torch's CUDA default) on every
+    device, one well-defined step named _foreach_* in profiles; under CUDA graphs the capturable
+    form, fused with the learning rate as a device tensor."""
+    if config.cuda_graphs:
+        return torch.optim.SGD(model.parameters(), lr=torch.tensor(0.1, device=config.device), momentum=0.9,
+                               weight_decay=1e-4, fused=True)
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=True)
+
+
 def make_train_plan(model: nn.Module, config: BenchConfig) -> StepPlan:
     """Forward, cross-entropy, backward, SGD step (GradScaler under fp16), zero_grad."""
     model.train()
-    # foreach (torch's CUDA default) on every device: one well-defined step, named _foreach_* in profiles
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=True)
+    optimizer = make_optimizer(model, config)
     scaler = grad_scaler(config.device, config.dtype)
 
     def forward_backward(images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -582,7 +593,7 @@ def make_train_plan(model: nn.Module, config: BenchConfig) -> StepPlan:
     def reset() -> None:
         optimizer.zero_grad(set_to_none=True)
 
-    if scaler.is_enabled():
+    if scaler.is_enabled() and not config.cuda_graphs:  # foreach SGD: the scaler's inf check syncs
         return StepPlan(forward_backward, optimizer_step, reset,
                         captured="forward, loss and backward; the GradScaler's inf check syncs the host, "
                                  "so its SGD step runs eagerly after each replay")
@@ -591,7 +602,9 @@ def make_train_plan(model: nn.Module, config: BenchConfig) -> StepPlan:
         forward_backward(images, labels)
         optimizer_step()
 
-    return StepPlan(whole_step, _nothing, reset, captured="forward, loss, backward and SGD step")
+    scaled = ", with the GradScaler's inf check and update" if scaler.is_enabled() else ""
+    sgd = "fused SGD step (learning rate a device tensor)" if config.cuda_graphs else "SGD step"
+    return StepPlan(whole_step, _nothing, reset, captured=f"forward, loss, backward and {sgd}{scaled}")
 
 
 def make_infer_plan(model: nn.Module, config: BenchConfig) -> StepPlan:
