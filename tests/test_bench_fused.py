@@ -220,3 +220,30 @@ def test_profiler_cuda_graphs_capture_fused_training(tmp_path, dtype):
             assert measured[name]["backend"] == name.split(":")[1].removesuffix("+fused")
             assert "fused SGD step" in measured[name]["graph"] and measured[name]["images_per_s"] > 0
     assert "resnet_fast:triton+fused" in measured  # every GPU the project supports runs Triton
+
+
+def test_capturable_optimizer_sees_every_learning_rate_change_in_place():
+    """Under --cuda-graphs a replayed optimizer step reads the learning-rate tensor captured
+    once: the milestone scheduler and the error-gated warm-up must change that very tensor."""
+    from types import SimpleNamespace
+
+    from resnet_fast.train.loop import ErrorGatedWarmup, build_optimizer
+
+    model = torch.nn.Linear(3, 2)
+    config = SimpleNamespace(cuda_graphs=True, lr=0.1, momentum=0.9, weight_decay=1e-4)
+    optimizer = build_optimizer(model, config, torch.device("cpu"))
+    group = optimizer.param_groups[0]
+    captured = group["lr"]
+    assert isinstance(captured, torch.Tensor) and group["fused"]
+    warmup = ErrorGatedWarmup(optimizer, enabled=True)
+    warmup.start()
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [2], gamma=0.1)
+    assert captured.item() == pytest.approx(0.01)
+    assert warmup.observe(50.0)  # the warm-up ends: back to 0.1
+    for _ in range(2):
+        model(torch.randn(4, 3)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+    assert group["lr"] is captured and captured.item() == pytest.approx(0.01)
+    eager = build_optimizer(model, SimpleNamespace(**{**vars(config), "cuda_graphs": False}), torch.device("cpu"))
+    assert eager.param_groups[0]["lr"] == 0.1 and not eager.param_groups[0]["fused"]

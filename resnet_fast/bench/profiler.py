@@ -8,8 +8,9 @@ batches, generated once on the device and rotated.
 A training step is forward, cross-entropy on random labels, backward, a foreach SGD step
 (momentum 0.9, lr 0.1, weight decay 1e-4) and ``zero_grad(set_to_none=True)``; fp16 adds
 a GradScaler. A ``+fused`` variant trains with :func:`resnet_fast.nn.enable_fused_training`
-(stem included); its inference is the same variant's without it, so it is not measured. An inference step is a forward pass in eval mode under
-``torch.inference_mode``. fp16 / bf16 mean ``torch.autocast`` with that dtype.
+(stem included); its inference is the same variant's without it, so it is not measured.
+An inference step is a forward pass in eval mode under ``torch.inference_mode``.
+fp16 / bf16 mean ``torch.autocast`` with that dtype.
 
 With ``cuda_graphs`` a GPU step is captured once in a CUDA graph after warm-up on a
 side stream (which also autotunes the Triton kernels and cuDNN, so nothing tunes inside

@@ -188,7 +188,8 @@ class GraphedStep:
         if self.graph is None:
             self.static = (images.clone(), labels.clone())
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread-local: the data loader's pin-memory thread keeps working during the capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.body(*self.static)
             self.graph = graph
         else:
