@@ -22,13 +22,12 @@ from resnet_fast.bench.profiler import (
     Measurement,
     Options,
     Variant,
-    auto_backend,
-    backend_cell,
+    backends_that_run,
     build_model,
     parse_variant,
     parse_variants,
     resolve_config,
-    variant_label,
+    results_table,
 )
 from resnet_fast.nn import BasicBlock
 from resnet_fast.runtime import ConfigError
@@ -39,9 +38,9 @@ TINY = ["--device", "cpu", "--batch", "2", "--image-size", "32", "--steps", "1",
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _measurement(variant: str, backend: str | None) -> Measurement:
+def _measurement(variant: str, label: str) -> Measurement:
     return Measurement(variant=variant, mode="train", timings_ms=[5.0], median_ms=5.0, images_per_s=800.0,
-                       peak_memory_gib=None, backend=backend)
+                       peak_memory_gib=None, label=label, speedup=1.0)
 
 
 # --- variants ---------------------------------------------------------------------------
@@ -79,30 +78,24 @@ def test_fused_variant_model_has_fused_training_on_every_block_and_the_stem():
     assert not plain.fused_training
 
 
-def test_auto_backend_names_what_auto_chooses():
-    info = {name: {"available": False, "auto": False, "capability_reasons": {}} for name in ("cuda", "triton")}
-    info["torch"] = {"available": True, "auto": True, "capability_reasons": {}}
-    assert auto_backend(info, torch.device("cpu")) == "torch"
-    assert auto_backend(info, torch.device("cuda")) == "torch"
-    info["triton"] = {"available": True, "auto": True, "capability_reasons": {"conv2d_stats": "needs sm_80"}}
-    assert auto_backend(info, torch.device("cuda")) == "triton (torch for conv2d_stats)"
-    assert auto_backend(info, torch.device("cpu")) == "torch"  # CPU tensors never go to a GPU backend
-    info["cuda"] = {"available": True, "auto": True, "capability_reasons": {}}
-    assert auto_backend(info, torch.device("cuda")) == "cuda"
-    info["cuda"]["auto"] = False  # not validated on this GPU: auto passes it by
-    assert auto_backend(info, torch.device("cuda")).startswith("triton")
-
-
-def test_labels_say_which_backend_ran():
-    auto, explicit, eager = (_measurement("resnet_fast+fused", "torch"), _measurement("resnet_fast:triton+fused",
-                             "triton"), _measurement("eager", None))
-    assert variant_label(auto) == "resnet_fast+fused [auto: torch]" and backend_cell(auto) == "auto: torch"
-    assert variant_label(explicit) == "resnet_fast:triton+fused" and backend_cell(explicit) == "triton"
-    assert variant_label(eager) == "eager" and backend_cell(eager) == "-"
+def test_fused_training_labels_name_the_backend_of_its_convolutions(monkeypatch):
+    """A +fused variant's label reports the backend of conv2d_stats (what fused training runs)."""
     config = resolve_config(Options(device="cpu", batch=2), cuda_available=False)
-    figure = build_figure(BenchReport(config, {"device_name": "Test CPU"}, [auto, explicit, eager]))
-    legend = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
-    assert legend == ["resnet_fast+fused [auto: torch]", "resnet_fast:triton+fused", "eager"]
+    asked = []
+    monkeypatch.setattr("resnet_fast.bench.profiler.chosen_backend", lambda op, example: asked.append(op) or "torch")
+    assert backends_that_run(config, "train", fused_training=True) == ["torch"] and asked == ["conv2d_stats"]
+
+
+def test_table_never_shortens_a_label(capsys):
+    from rich.console import Console
+
+    config = resolve_config(Options(device="cpu", batch=2), cuda_available=False)
+    report = BenchReport(config, {"device_name": "Test CPU"},
+                         [_measurement("resnet_fast+fused", "resnet_fast+fused (triton+torch)")])
+    Console(width=100).print(results_table(report))
+    assert "resnet_fast+fused (triton+torch)" in capsys.readouterr().out
+    figure = build_figure(report)
+    assert [t.get_text() for t in figure.axes[0].get_legend().get_texts()] == ["resnet_fast+fused (triton+torch)"]
 
 
 def test_cli_runs_fused_training_variants_and_records_the_backend(tmp_path, capsys):
@@ -110,11 +103,13 @@ def test_cli_runs_fused_training_variants_and_records_the_backend(tmp_path, caps
     assert bench_main(["--model", "resnet18", *TINY, "--mode", "both", "--compare",
                        "resnet_fast:torch,resnet_fast+fused,resnet_fast:torch+fused", "--json", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "resnet_fast:torch+fused" in out and "auto: torch" in out and "backend" in out
+    assert "resnet_fast:torch+fused" in out and "resnet_fast+fused (torch)" in out
     data = json.loads(path.read_text())
-    backends = {(r["variant"], r["mode"]): r["backend"] for r in data["results"]}
-    assert backends == {("resnet_fast:torch", "train"): "torch", ("resnet_fast:torch", "infer"): "torch",
-                        ("resnet_fast+fused", "train"): "torch", ("resnet_fast:torch+fused", "train"): "torch"}
+    labels = {(r["variant"], r["mode"]): r["label"] for r in data["results"]}
+    assert labels == {("resnet_fast:torch", "train"): "resnet_fast:torch",
+                      ("resnet_fast:torch", "infer"): "resnet_fast:torch",
+                      ("resnet_fast+fused", "train"): "resnet_fast+fused (torch)",  # auto says what it chose
+                      ("resnet_fast:torch+fused", "train"): "resnet_fast:torch+fused"}
     assert {(s["variant"], tuple(s["modes"])) for s in data["skipped"]} == {
         ("resnet_fast+fused", ("infer",)), ("resnet_fast:torch+fused", ("infer",))}
     assert all(s["reasons"] == [FUSED_INFERENCE_SKIP] for s in data["skipped"])
@@ -217,7 +212,7 @@ def test_profiler_cuda_graphs_capture_fused_training(tmp_path, dtype):
                                                                          "resnet_fast:cuda+fused"}
     for name in ("resnet_fast:triton+fused", "resnet_fast:cuda+fused"):
         if name in measured:  # a backend this GPU lacks is skipped with its reason
-            assert measured[name]["backend"] == name.split(":")[1].removesuffix("+fused")
+            assert measured[name]["label"] == name  # the backend named is the one that ran
             assert "fused SGD step" in measured[name]["graph"] and measured[name]["images_per_s"] > 0
     assert "resnet_fast:triton+fused" in measured  # every GPU the project supports runs Triton
 

@@ -194,7 +194,7 @@ def test_profiler_times_triton_fused_training(device, tmp_path, monkeypatch):
                  "--warmup", "1", "--mode", "train", "--compare", "resnet_fast:triton+fused",
                  "--json", str(path)]) == 0
     [result] = json.loads(path.read_text())["results"]
-    assert result["variant"] == "resnet_fast:triton+fused" and result["backend"] == "triton"
+    assert result["variant"] == "resnet_fast:triton+fused" and result["label"] == "resnet_fast:triton+fused"
     assert result["images_per_s"] > 0
 
 

@@ -59,8 +59,8 @@ from resnet_fast.bench.trace import (
     profile_steps,
     trace_file,
 )
-from resnet_fast.ops.dispatch import BACKEND_NAMES
-from resnet_fast.runtime import ConfigError, grad_scaler, resolve_device, synchronize
+from resnet_fast.ops.dispatch import BACKEND_NAMES, chosen_backend
+from resnet_fast.runtime import DTYPES, ConfigError, grad_scaler, resolve_device, synchronize
 from resnet_fast.runtime import autocast as runtime_autocast
 from resnet_fast.runtime import check_dtype_supported as runtime_check_dtype_supported
 
@@ -179,7 +179,13 @@ class Measurement:
     baseline: str | None = None
     graph: str | None = None  # what the CUDA graph holds (None: eager steps)
     breakdown: Breakdown | None = None
-    backend: str | None = None  # the resnet_fast backend that ran (auto: what it chose); None for eager/compile
+    label: str | None = None  # the variant as shown, with the backend that ran (see variant_label)
+    spread: float | None = None  # (slowest - fastest) / median of the timed steps
+
+    @property
+    def shown(self) -> str:
+        """The name tables and plots show: :attr:`label`, else the variant's name."""
+        return self.label or self.variant
 
 
 @dataclass
@@ -291,6 +297,37 @@ def assign_speedups(measurements: list[Measurement]) -> None:
             m.baseline = baseline.variant
 
 
+def timing_spread(timings_ms: list[float]) -> float:
+    """(slowest - fastest) / median of the timed steps: 0.2 means the steps ranged over 20%
+    of the median."""
+    return (max(timings_ms) - min(timings_ms)) / median_ms(timings_ms)
+
+
+# The operators whose backend a variant's label reports, per mode (fused training: its own).
+LABEL_OPERATORS = {"train": ("conv_bn_act", "batch_norm_act"), "infer": ("conv2d_bias_act", "batch_norm_act"),
+                   "train+fused": ("conv2d_stats",)}
+
+
+def backends_that_run(config: BenchConfig, mode: str, fused_training: bool = False) -> list[str]:
+    """The backends the current choice runs the model's operators with on this run's device
+    and dtype (asked of :func:`resnet_fast.ops.dispatch.chosen_backend`), in first-use order;
+    ``fused_training``: those of a fused-training step (``conv2d_stats``)."""
+    example = torch.empty(2, 8, 4, 4, device=config.device, dtype=DTYPES[config.dtype])
+    names = [chosen_backend(op, example) for op in LABEL_OPERATORS[f"{mode}+fused" if fused_training else mode]]
+    return list(dict.fromkeys(name for name in names if name is not None))
+
+
+def variant_label(variant: Variant, backends_ran: list[str]) -> str:
+    """How tables and plots name ``variant``: ``eager`` and ``compile`` as they are; a
+    resnet_fast variant with the backend(s) that actually ran when its name does not say
+    it, e.g. ``resnet_fast (torch)`` for ``auto`` on a CPU. The one place labels are made:
+    new variant kinds extend it here."""
+    if variant.kind != "resnet_fast" or not backends_ran:
+        return variant.name
+    ran = "+".join(backends_ran)
+    return variant.name if ran == variant.backend else f"{variant.name} ({ran})"
+
+
 def default_image_size(model: str, defaults: Defaults) -> int:
     """32 for the CIFAR networks, the device's default size for the ImageNet ones."""
     return 32 if model in CIFAR_MODELS else defaults.image_size
@@ -381,39 +418,6 @@ def check_device_support(config: BenchConfig) -> None:
         runtime_check_dtype_supported(config.device, config.dtype)
     except ConfigError as error:
         raise BenchConfigError(str(error)) from None
-
-
-def auto_backend(info: dict[str, dict], device: torch.device) -> str:
-    """The backend ``auto`` runs resnet_fast's operators on for ``device``, from ``backend_info()``:
-    the first (cuda, triton, torch) that is available and that ``auto`` may choose (CPU
-    tensors always go to ``torch``), with the operators that fall back on this GPU's
-    capability named, e.g. ``"cuda"`` or ``"triton (torch for conv2d_stats)"``."""
-    if device.type == "cuda":
-        for name in BACKEND_NAMES:
-            entry = info[name]
-            if entry["available"] and entry["auto"]:
-                fallback = sorted(entry.get("capability_reasons", {}))
-                return f"{name} (torch for {', '.join(fallback)})" if fallback and name != "torch" else name
-    return "torch"
-
-
-def _chosen_by_auto(measurement: Measurement) -> bool:
-    return measurement.backend is not None and not any(
-        measurement.variant.startswith(f"resnet_fast:{name}") for name in BACKEND_NAMES)
-
-
-def backend_cell(measurement: Measurement) -> str:
-    """The table's backend column: ``"triton"``, ``"auto: torch"``, or ``"-"`` (no resnet_fast)."""
-    if measurement.backend is None:
-        return "-"
-    return f"auto: {measurement.backend}" if _chosen_by_auto(measurement) else measurement.backend
-
-
-def variant_label(measurement: Measurement) -> str:
-    """The variant's name, with the backend ``auto`` chose where the name does not say it,
-    e.g. ``"resnet_fast+fused [auto: torch]"`` (the plot's legend)."""
-    return f"{measurement.variant} [auto: {measurement.backend}]" if _chosen_by_auto(measurement) \
-        else measurement.variant
 
 
 def skip_reasons(variant: Variant, model: str, info: dict[str, dict]) -> list[str]:
@@ -763,9 +767,8 @@ def peak_memory_gib(device: torch.device, graphs: bool) -> float | None:
 
 
 def measure(config: BenchConfig, variant: Variant, mode: str, state: dict[str, torch.Tensor],
-            batches: Batches, backend: str | None = None) -> Measurement:
-    """Warm up, then time ``config.steps`` steps of ``variant`` in ``mode`` on a fresh model;
-    ``backend`` (the resnet_fast backend that runs it) labels the measurement.
+            batches: Batches) -> Measurement:
+    """Warm up, then time ``config.steps`` steps of ``variant`` in ``mode`` on a fresh model.
 
     With ``config.breakdown``, a few more steps (as many as were timed, at most
     :data:`~resnet_fast.bench.trace.PROFILED_STEPS`) are profiled afterwards.
@@ -783,6 +786,8 @@ def measure(config: BenchConfig, variant: Variant, mode: str, state: dict[str, t
     trace_path = trace_file(config.trace_dir, variant.name, mode) if config.trace_dir else None
     return Measurement(
         variant=variant.name,
+        label=variant_label(variant, backends_that_run(config, mode, variant.fused_training)),
+        spread=timing_spread(timings),
         mode=mode,
         timings_ms=timings,
         median_ms=median,
@@ -792,7 +797,6 @@ def measure(config: BenchConfig, variant: Variant, mode: str, state: dict[str, t
         graph=plan.captured if config.cuda_graphs else None,
         breakdown=profile_steps(step, device, trace_path, min(config.steps, PROFILED_STEPS))
         if config.breakdown else None,
-        backend=backend,
     )
 
 
@@ -801,17 +805,13 @@ def run_variant(config: BenchConfig, variant: Variant, state: dict[str, torch.Te
     """Measure ``variant`` in every configured mode, recording a skip where its backend refuses
     or its CUDA graph cannot be captured."""
     device = torch.device(config.device)
-    backend = None
-    if variant.kind == "resnet_fast":
-        backend = variant.backend if variant.backend != "auto" else auto_backend(
-            report.environment["resnet_fast_backends"], device)
     for mode in config.modes:
         if variant.fused_training and mode != "train":
             report.skipped.append(Skipped(variant.name, (mode,), [FUSED_INFERENCE_SKIP]))
             continue
         try:
             with resnet_fast_backend(variant):
-                report.measurements.append(measure(config, variant, mode, state, batches, backend))
+                report.measurements.append(measure(config, variant, mode, state, batches))
         except (resnet_fast.BackendUnavailableError, CaptureError) as error:
             report.skipped.append(Skipped(variant.name, (mode,), [str(error)]))
         finally:
@@ -856,14 +856,14 @@ def results_table(report: BenchReport) -> Table:
     graphs = " (CUDA graphs)" if report.config.cuda_graphs else ""
     table = Table(title=f"{report.config.model} throughput{graphs}", title_justify="left")
     # the labels are never shortened: a narrow terminal shortens the numbers' headers instead
-    label_width = {"variant": max((len(m.variant) for m in report.measurements), default=0),
-                   "backend": max((len(backend_cell(m)) for m in report.measurements), default=0)}
-    for header in ("variant", "backend", "mode", "images/s", "ms/step (median)", "peak memory (GiB)",
+    label_width = max((len(m.shown) for m in report.measurements), default=0)
+    for header in ("variant", "mode", "images/s", "ms/step (median)", "spread", "peak memory (GiB)",
                    "compile (s)", f"speedup vs {'/'.join(baselines) or 'eager'}"):
-        justify = "left" if header in ("variant", "backend", "mode") else "right"
-        table.add_column(header, justify=justify, no_wrap=True, min_width=label_width.get(header))
+        justify = "left" if header in ("variant", "mode") else "right"
+        table.add_column(header, justify=justify, no_wrap=True, min_width=label_width if header == "variant" else None)
     for m in report.measurements:
-        table.add_row(m.variant, backend_cell(m), m.mode, f"{m.images_per_s:,.1f}", f"{m.median_ms:.2f}",
+        table.add_row(m.shown, m.mode, f"{m.images_per_s:,.1f}", f"{m.median_ms:.2f}",
+                      "-" if m.spread is None else f"{m.spread:.0%}",
                       "n/a" if m.peak_memory_gib is None else f"{m.peak_memory_gib:.2f}",
                       "-" if m.compile_s is None else f"{m.compile_s:.1f}",
                       f"{m.speedup:.2f}x")
@@ -876,14 +876,30 @@ def graph_notes(measurements: list[Measurement]) -> list[str]:
     return [f"CUDA graph ({mode}): {graph}" for mode, graph in held.items()]
 
 
+def harness_check_note(report: BenchReport) -> str | None:
+    """On the CPU: the numbers check that the harness runs, they are not a performance
+    result (None on a GPU)."""
+    if torch.device(report.config.device).type != "cpu":
+        return None
+    spreads = [m.spread for m in report.measurements if m.spread is not None]
+    spread = f"; steps ranged over up to {max(spreads):.0%} of their median" if spreads else ""
+    return (f"CPU run: a harness check (models build, steps run, numbers come out), not a performance "
+            f"result: {report.config.steps} timed step(s) per variant{spread}. Measure on a GPU "
+            "(--steps 50 or more) for speedups that mean something.")
+
+
 def print_report(report: BenchReport, console: Console) -> None:
-    """The environment line, the results table, what the graphs hold, the breakdown and the
-    skipped variants."""
+    """The environment line, the results table (the spread column: (slowest - fastest) /
+    median of the timed steps), the CPU harness-check note, what the graphs hold, the
+    breakdown and the skipped variants."""
     console.print(environment_line(report.environment), highlight=False)
     if report.measurements:
         console.print(results_table(report))
     else:
         console.print("No variant could be measured.")
+    note = harness_check_note(report)
+    if note:
+        console.print(note, style="yellow", highlight=False, markup=False)
     for note in graph_notes(report.measurements):
         console.print(note, highlight=False, markup=False)
     if any(m.breakdown is not None for m in report.measurements):

@@ -87,12 +87,13 @@ class CifarResNet(nn.Module):
     Submodules: ``conv1``, ``bn1``, ``relu``, ``layer1``-``layer3`` (``nn.Sequential`` of
     :class:`~resnet_fast.nn.BasicBlock`), ``avgpool``, ``fc``.
 
-    ``fused_training`` (default False; not in the state dict; set by
-    :func:`~resnet_fast.nn.enable_fused_training`): the stem trains as ``conv2d_stats``
+    ``fused_training`` (not in the state dict; set by
+    :func:`~resnet_fast.nn.enable_fused_training`; the default None: where measured
+    faster, as the blocks'): the stem trains as ``conv2d_stats``
     + ``scale_shift_act`` (:func:`~resnet_fast.nn.stem.stem_forward`).
     """
 
-    fused_training: bool = False
+    fused_training: bool | None = None
 
     def __init__(
         self,

@@ -54,12 +54,13 @@ class ResNet(nn.Module):
         norm_layer: BatchNorm factory, default :class:`~resnet_fast.nn.BatchNormAct2d`;
             ``nn.BatchNorm2d`` is fused the same way, other norms run unfused.
 
-    ``fused_training`` (default False; not in the state dict; set by
-    :func:`~resnet_fast.nn.enable_fused_training`): the stem trains as ``conv2d_stats``
+    ``fused_training`` (not in the state dict; set by
+    :func:`~resnet_fast.nn.enable_fused_training`; the default None: where measured
+    faster, as the blocks'): the stem trains as ``conv2d_stats``
     + ``scale_shift_act`` (:func:`~resnet_fast.nn.stem.stem_forward`), as the blocks do.
     """
 
-    fused_training: bool = False
+    fused_training: bool | None = None
 
     def __init__(
         self,

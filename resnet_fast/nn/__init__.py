@@ -12,6 +12,7 @@ from resnet_fast.nn.conv_bn_act import (
 )
 from resnet_fast.nn.stem import stem_forward
 from resnet_fast.nn.sync_batch_norm_act import SyncBatchNormAct2d, convert_sync_batchnorm
+from resnet_fast.nn.timm_blocks import TimmBasicBlock, TimmBottleneck
 
 __all__ = [
     "BasicBlock",
@@ -19,6 +20,8 @@ __all__ = [
     "Bottleneck",
     "ConvBNAct2d",
     "SyncBatchNormAct2d",
+    "TimmBasicBlock",
+    "TimmBottleneck",
     "clear_fold_cache",
     "conv_bn_act_forward",
     "convert_sync_batchnorm",

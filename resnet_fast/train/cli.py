@@ -74,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
              "tensor; GradScaler under fp16) in a CUDA graph after a few eager warm-up steps on a side stream, "
              "and replay it (GPU only; one process; not with --compile)")
     add("--sync-bn", action="store_true", help="synchronize BatchNorm statistics over all processes")
-    add("--resume", metavar="PATH", help="continue from a checkpoint (a checkpoint.pt, or the --out folder)")
+    add("--resume", metavar="PATH",
+        help="continue from a checkpoint (a checkpoint.pt, or the --out folder) with the same settings; a longer "
+             "--iterations / --epochs extends the run, finished or not, with the milestones of the new length "
+             "(the recipe's scaled to it, or --milestones) and the learning rate they give at the checkpoint")
     add("--stop-after", type=int, metavar="ITERATION",
         help="checkpoint and stop at this iteration, as if interrupted; --resume continues exactly")
     add("--seed", type=int, default=0, help="seed for weights, data order and augmentation (default 0)")
