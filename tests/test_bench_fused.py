@@ -38,6 +38,14 @@ TINY = ["--device", "cpu", "--batch", "2", "--image-size", "32", "--steps", "1",
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@pytest.fixture(autouse=True)
+def restore_backend():
+    """The training CLI selects its --backend for the process: give the next test the choice back."""
+    before = resnet_fast.get_backend()
+    yield
+    resnet_fast.set_backend(before)
+
+
 def _measurement(variant: str, label: str) -> Measurement:
     return Measurement(variant=variant, mode="train", timings_ms=[5.0], median_ms=5.0, images_per_s=800.0,
                        peak_memory_gib=None, label=label, speedup=1.0)
