@@ -130,14 +130,25 @@ def test_cli_runs_fused_training_variants_and_records_the_backend(tmp_path, caps
 def test_train_cli_with_fused_training(tmp_path, monkeypatch):
     switched = []
     original = resnet_fast.nn.enable_fused_training
-    monkeypatch.setattr(resnet_fast.nn, "enable_fused_training", lambda model: switched.append(original(model)))
+    monkeypatch.setattr(resnet_fast.nn, "enable_fused_training",
+                        lambda model, enabled: switched.append((original(model, enabled), enabled)))
     out = tmp_path / "run"
     assert train("synthetic", "--model", "resnet8", "--batch-size", 8, "--image-size", 8, "--num-classes", 3,
                  "--synthetic-images", 16, "--iterations", 2, "--log-every", 1, "--backend", "torch",
                  "--fused-training", "--out", out) == 0
-    assert switched == [4]  # resnet8's three blocks and its stem
+    assert switched == [(4, True)]  # resnet8's three blocks and its stem
     summary = json.loads((out / "summary.json").read_text())
     assert summary["fused_training"] is True and summary["cuda_graphs"] is False
+
+
+@pytest.mark.parametrize("argv, setting", [([], None), (["--fused-training"], True), (["--no-fused-training"], False)])
+def test_train_cli_fused_training_is_three_way(argv, setting):
+    from resnet_fast.train.cli import build_parser
+
+    options = TrainOptions(**vars(build_parser().parse_args(["synthetic", *argv])))
+    config = resolve_train_config(options, cuda_available=False, cuda_bf16=False)
+    assert config.fused_training is setting
+    assert ("fused training" in config.describe()) == (setting is not None)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -46,7 +46,7 @@ class Options:
     backend: str = "auto"
     eager: bool = False
     compile: bool = False
-    fused_training: bool = False
+    fused_training: bool | None = None  # None: resnet_fast.nn.fused_training_defaults decides
     cuda_graphs: bool = False
     sync_bn: bool = False
     resume: str | None = None
@@ -90,7 +90,7 @@ class TrainConfig:
     backend: str
     eager: bool
     compile: bool
-    fused_training: bool
+    fused_training: bool | None
     cuda_graphs: bool
     sync_bn: bool
     resume: str | None
@@ -121,7 +121,7 @@ class TrainConfig:
                  else "constant")
         return "\n".join([
             f"recipe {self.recipe} | model {self.model} ({'eager PyTorch' if self.eager else 'resnet_fast'}"
-            f"{'' if self.eager else ', backend ' + self.backend}{', fused training' if self.fused_training else ''}"
+            f"{'' if self.eager else ', backend ' + self.backend}{_FUSED_TRAINING_NOTE[self.fused_training]}"
             f"{', torch.compile' if self.compile else ''}{', CUDA graphs' if self.cuda_graphs else ''})",
             f"batch {self.batch_size}{f' in {self.accumulate} accumulation steps' if self.accumulate > 1 else ''} "
             f"| SGD lr {self.lr} momentum {self.momentum} weight decay {self.weight_decay} | {length}, lr {decay}"
@@ -129,6 +129,9 @@ class TrainConfig:
             f"device {self.device} | dtype {self.dtype} | channels_last {'on' if self.channels_last else 'off'} "
             f"| seed {self.seed} | output {self.out}",
         ])
+
+
+_FUSED_TRAINING_NOTE = {None: "", True: ", fused training", False: ", fused training off"}
 
 
 def check_cuda_graphs(options: Options, device: str, world_size: int) -> None:

@@ -8,8 +8,9 @@ updates the running statistics once per chunk). The loss of a chunk is its summe
 cross-entropy divided by the local batch, so the gradient is that of the mean over the
 global batch, with DDP averaging over processes.
 
-With ``fused_training`` every block and the stem train with the convolution fusion
-(:func:`resnet_fast.nn.enable_fused_training`).
+With ``fused_training`` True (False) every block and the stem train with (without) the
+convolution fusion (:func:`resnet_fast.nn.enable_fused_training`); None leaves the
+measured default (:mod:`resnet_fast.nn.fused_training_defaults`).
 
 With ``cuda_graphs`` the whole step — forward, loss, backward, the meters, the optimizer
 step (and the GradScaler's inf check and scale update under fp16) — is captured once in a
@@ -237,8 +238,8 @@ class Trainer:
             self.extended_from = checkpoint["run"]["length"]
 
         self.module = build_model(config.model, self.data.num_classes, config.eager)
-        if config.fused_training:
-            resnet_fast.nn.enable_fused_training(self.module)
+        if config.fused_training is not None and not config.eager:  # None: the measured default
+            resnet_fast.nn.enable_fused_training(self.module, config.fused_training)
         self.module.to(device=device, memory_format=self.memory_format)
         if checkpoint is not None:
             self.module.load_state_dict(checkpoint["model"])
