@@ -161,6 +161,24 @@ def test_mean_offset_of_1000_keeps_everything_accurate(dtype, channels_last, dev
         assert_close_to_reference(getattr(ours, name), getattr(bn64, name), getattr(bn_same, name), name)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_strided_per_channel_vectors_give_the_contiguous_results(channels_last, training, device, tiles):
+    """weight, bias, running statistics, mean and var as stride-2 views (test_batch_norm_act's check)."""
+    bn_tests.test_strided_per_channel_vectors_give_the_contiguous_results(device, torch.float32, channels_last,
+                                                                          training)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_conv_bn_act_strided_per_channel_vectors(channels_last, training, device):
+    """conv_bias and the BatchNorm vectors as stride-2 views (test_conv_bn_act's check)."""
+    conv_tests.test_strided_per_channel_vectors_give_the_contiguous_results(device, torch.float16, channels_last,
+                                                                            training)
+
+
 # ----------------------------------------------------------------------------- the ops
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels_last", [False, True])

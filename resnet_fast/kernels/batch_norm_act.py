@@ -35,7 +35,8 @@ with contiguous (16-byte vectorisable) loads along C. Contiguous NCHW is treated
 (N, C, HW): reductions give each program one channel and tile [BLOCK_N, BLOCK_HW] over
 (image, pixel); elementwise kernels tile the (N*C, HW) matrix [BLOCK_R, BLOCK_HW] and
 look up each row's channel. H*W == 1 uses the NHWC kernels (the memory is the same).
-Other strides are made contiguous first. Per-element offsets are formed from int64 row
+Other strides are made contiguous first, and so are per-channel vectors (weight, bias,
+running statistics, mean, var: the kernels index them with stride 1). Per-element offsets are formed from int64 row
 offsets, so tensors past 2^31 elements work.
 
 No host synchronisation anywhere (CUDA graphs capture it); the launchers are
@@ -596,6 +597,12 @@ def _launches(t: Tensor) -> bool:
 
 
 # ----------------------------------------------------------------------------- launchers
+def _per_channel(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A per-channel vector as the kernels index it (stride 1): ``t`` itself when contiguous,
+    else a contiguous copy (a sliced or expanded weight, a strided running buffer)."""
+    return None if t is None else t.contiguous()
+
+
 def _nhwc(x: Tensor, fmt: torch.memory_format) -> bool:
     """Whether the NHWC kernels take x: channels_last, or H*W == 1 (the same memory)."""
     return fmt == torch.channels_last or x.shape[2] * x.shape[3] == 1
@@ -638,13 +645,15 @@ def triton_batch_norm_act_forward(
     """Triton ``batch_norm_act``: (out, mean, var), statistics in float32."""
     fmt = output_memory_format(x)
     x = x.contiguous(memory_format=fmt)
+    weight, bias = _per_channel(weight), _per_channel(bias)
     nhwc = _nhwc(x, fmt)
     n, c, h, w = (int(d) for d in x.shape)
     if training:
         mean, var = _statistics(x, nhwc)
     else:
-        mean = running_mean.to(torch.float32, copy=True)
-        var = running_var.to(torch.float32, copy=True)
+        # Copies (outputs must not alias inputs), contiguous whatever the buffers' strides.
+        mean = running_mean.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        var = running_var.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     out = _empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     if residual is not None:
         residual = residual.contiguous(memory_format=fmt)
@@ -687,6 +696,7 @@ def triton_batch_norm_act_backward(
     x = x.contiguous(memory_format=fmt)
     grad_out = grad_out.contiguous(memory_format=fmt)
     out = out.contiguous(memory_format=fmt) if relu else None
+    weight, mean, var = _per_channel(weight), _per_channel(mean), _per_channel(var)
     nhwc = _nhwc(x, fmt)
     n, c, h, w = (int(d) for d in x.shape)
     grad_input = _empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
