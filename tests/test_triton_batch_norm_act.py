@@ -286,6 +286,82 @@ def test_launchers_are_torch_library_triton_ops(kernels):
         assert dispatch.BACKENDS["triton"].kernels[op] is getattr(kernels, op)
 
 
+# ----------------------------------------------------------------------------- launch count
+@pytest.fixture
+def launch_log(kernels, monkeypatch) -> list[tuple[str, tuple, dict]]:
+    """(kernel name in ``KERNELS``, positional arguments, keyword arguments) of every launch."""
+    launches = []
+    names = {id(kernel): name for name, kernel in kernels.KERNELS.items()}
+    wrap_triton = kernels.wrap_triton
+
+    class Recording:
+        def __init__(self, kernel):
+            self.name, self.wrapped = names[id(kernel)], wrap_triton(kernel)
+
+        def __getitem__(self, grid):
+            launch = self.wrapped[grid]
+
+            def record(*args, **kwargs):
+                launches.append((self.name, args, kwargs))
+                return launch(*args, **kwargs)
+            return record
+
+    monkeypatch.setattr(kernels, "wrap_triton", Recording)
+    return launches
+
+
+# Kernels per BatchNorm layer (the module docstring's table): the statistics combine runs
+# in the apply kernel's prologue, the gradient combine in the dx kernel's (training).
+LAUNCHES_PER_LAYER = {
+    (True, "forward"): ["stats", "apply"],
+    (True, "backward"): ["bwd_reduce", "bwd_dx"],
+    (False, "forward"): ["apply"],
+    (False, "backward"): ["bwd_reduce", "bwd_combine"],
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("residual", [True, False])
+def test_launches_per_layer(launch_log, channels_last, training, residual, device):
+    """Two kernels forward and two backward in training; with a residual gradient the dx kernel
+    reads dy' (written by the reduction) instead of dy and out."""
+    g = torch.Generator().manual_seed(8)
+    layer = BatchNormAct2d(6, relu=True).to(device).train(training)
+    x = random_input((3, 6, 4, 5), torch.float32, channels_last, generator=g, device=device).requires_grad_()
+    res = random_input(x.shape, torch.float32, channels_last, generator=g, device=device).requires_grad_() \
+        if residual else None
+    out = layer(x, res)
+    forward = [name for name, _, _ in launch_log]
+    out.backward(random_input(x.shape, torch.float32, channels_last, generator=g, device=device))
+    backward = [name for name, _, _ in launch_log[len(forward):]]
+    layout = "nhwc" if channels_last else "nchw"
+    for stage, names in (("forward", forward), ("backward", backward)):
+        expected = [k if k.endswith("combine") else f"{k}_{layout}" for k in LAUNCHES_PER_LAYER[training, stage]]
+        assert names == expected, f"{stage}: {names}"
+    if training and residual:
+        (_, reduce_args, reduce_flags), (_, dx_args, dx_flags) = launch_log[-2:]
+        assert reduce_flags["WRITE_DRES"]
+        assert dx_args[0] is reduce_args[7], "the dx kernel should read dy' (the reduction's d_residual)"
+        assert dx_flags["RELU"] is False, "dy' is already masked: the dx kernel should not read out"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_resnet50_training_step_launches_four_kernels_per_batch_norm(launch_log, device):
+    """A training step of ResNet-50 (53 BatchNorms) launches 212 Triton kernels (318 with a
+    combine kernel after each reduction)."""
+    torch.manual_seed(0)
+    model = resnet_fast.resnet50(num_classes=10).to(device, memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    model(x).sum().backward()
+    counts = {}
+    for name, _, _ in launch_log:
+        counts[name] = counts.get(name, 0) + 1
+    assert counts == {"stats_nhwc": 53, "apply_nhwc": 53, "bwd_reduce_nhwc": 53, "bwd_dx_nhwc": 53}
+    assert len(launch_log) == 212
+
+
 # ----------------------------------------------------------------------------- GPU only
 def _run_large(shape, dtype, channels_last):
     """Triton forward (training, ReLU) and backward (with d_residual) of a large tensor."""

@@ -15,6 +15,8 @@ Two registries describe the kernels without importing them:
 * :data:`COMPILE_EXAMPLES` — filled by each kernel module at import with
   :func:`register_compile_example`: one signature per ``@triton.jit`` kernel, which the
   ahead-of-time compile test builds for sm_70, sm_75, sm_80 and sm_90 without a GPU.
+  ``@triton.jit`` device functions that only kernels call (they are compiled inside
+  them) are listed with :func:`register_device_function` instead.
 """
 
 from __future__ import annotations
@@ -71,6 +73,16 @@ def register_compile_example(module: str, name: str, kernel: Any, signature: dic
     """Record how the ahead-of-time compile test builds ``kernel`` of ``module``."""
     key = f"{module.rsplit('.', 1)[-1]}.{name}"
     COMPILE_EXAMPLES[key] = CompileExample(key, kernel, dict(signature), dict(constexprs or {}))
+
+
+DEVICE_FUNCTIONS: dict[str, Any] = {}
+"""``"module.function"`` -> a ``@triton.jit`` device function (called by kernels, never
+launched), filled as kernel modules import."""
+
+
+def register_device_function(module: str, name: str, function: Any) -> None:
+    """Record that ``function`` of ``module`` is a device function compiled inside kernels."""
+    DEVICE_FUNCTIONS[f"{module.rsplit('.', 1)[-1]}.{name}"] = function
 
 
 def input_reasons(x: torch.Tensor) -> list[str]:
