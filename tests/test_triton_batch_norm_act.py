@@ -361,6 +361,23 @@ def test_launches_per_layer(launch_log, channels_last, training, residual, devic
         assert dx_flags["RELU"] is False, "dy' is already masked: the dx kernel should not read out"
 
 
+@pytest.mark.skipif(TRITON_INTERPRETER, reason="interpreted kernels are not specialised")
+def test_split_geometry_is_not_specialised(kernels):
+    """Integer arguments that only say how a layer is split (rows or tiles per split, number
+    of splits) vary between layers: specialising them (== 1, divisible by 16) would compile
+    each kernel once per geometry class. Sizes (M, C, HW: alignment) stay specialised."""
+    geometry = {"rows_per_split", "n_per_split", "hw_per_split", "splits_hw", "num_splits", "num_partials"}
+    for name, kernel in kernels.KERNELS.items():
+        if name == "stats_combine":  # kernels.conv2d's workspace merge, one launch per call
+            continue
+        params = {p.name: p for p in kernel.params}
+        assert not any(n.endswith("blocks") for n in params), f"{name} takes a block count"
+        for arg in geometry & params.keys():
+            assert params[arg].do_not_specialize, f"{name} specialises {arg}"
+        for arg in {"M", "C", "HW"} & params.keys():
+            assert not params[arg].do_not_specialize, f"{name} does not specialise {arg}"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_resnet50_training_step_launches_four_kernels_per_batch_norm(launch_log, device):
     """A training step of ResNet-50 (53 BatchNorms) launches 212 Triton kernels (318 with a

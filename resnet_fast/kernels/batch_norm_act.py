@@ -219,7 +219,14 @@ def _elementwise_grid(x: Tensor, nhwc: bool) -> _Reduction:
 # square root; element loops use only +, -, *.
 
 
-@triton.jit
+# Split geometry (rows or tiles per split, number of splits) varies from layer to layer:
+# not specialised (== 1, divisible by 16), so each kernel compiles once per flag set and
+# dtype instead of once per geometry class.
+_ROW_SPLITS = ("rows_per_split",)
+_TILE_SPLITS = ("n_per_split", "hw_per_split", "splits_hw")
+
+
+@triton.jit(do_not_specialize=_ROW_SPLITS + ("num_splits",))
 def _stats_nhwc_kernel(x_ptr, ws_ptr, M, C, rows_per_split, num_splits,
                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """(mean, M2) per (split, channel) of rows [s * rows_per_split, ...) of (M, C) x, and each
@@ -260,7 +267,7 @@ def _stats_nhwc_kernel(x_ptr, ws_ptr, M, C, rows_per_split, num_splits,
         tl.store(ws_ptr + 2 * plane + pid_s, count)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_TILE_SPLITS + ("num_splits",))
 def _stats_nchw_kernel(x_ptr, ws_ptr, N, C, HW, n_per_split, hw_per_split, splits_hw, num_splits,
                        BLOCK_N: tl.constexpr, BLOCK_HW: tl.constexpr):
     """(mean, M2) per (split, channel) of a block of images x pixels of NCHW x, and each
@@ -393,7 +400,7 @@ def _stats_combine_kernel(ws_ptr, mean_ptr, var_ptr, C, num_splits,
     tl.store(var_ptr + cols, tl.math.div_rn(tl.sum(m2, axis=0), count), mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_ROW_SPLITS + ("num_partials",))
 def _apply_nhwc_kernel(x_ptr, res_ptr, out_ptr, ws_ptr, mean_ptr, var_ptr, w_ptr, b_ptr,
                        M, C, eps, rows_per_split, num_partials,
                        FROM_PARTIALS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -437,7 +444,7 @@ def _apply_nhwc_kernel(x_ptr, res_ptr, out_ptr, ws_ptr, mean_ptr, var_ptr, w_ptr
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_TILE_SPLITS + ("num_partials",))
 def _apply_nchw_kernel(x_ptr, res_ptr, out_ptr, ws_ptr, mean_ptr, var_ptr, w_ptr, b_ptr,
                        N, C, HW, eps, n_per_split, hw_per_split, splits_hw, num_partials,
                        FROM_PARTIALS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -487,7 +494,7 @@ def _apply_nchw_kernel(x_ptr, res_ptr, out_ptr, ws_ptr, mean_ptr, var_ptr, w_ptr
             tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_ROW_SPLITS + ("num_splits",))
 def _bwd_reduce_nhwc_kernel(dy_ptr, x_ptr, out_ptr, mean_ptr, var_ptr, w_ptr, dx_ptr, dres_ptr, ws_ptr,
                             M, C, eps, rows_per_split, num_splits,
                             HAS_WEIGHT: tl.constexpr, RELU: tl.constexpr, WRITE_DRES: tl.constexpr,
@@ -532,7 +539,7 @@ def _bwd_reduce_nhwc_kernel(dy_ptr, x_ptr, out_ptr, mean_ptr, var_ptr, w_ptr, dx
     tl.store(ws_ptr + num_splits * C + idx, tl.sum(acc_dyx, axis=0), mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_TILE_SPLITS + ("num_splits",))
 def _bwd_reduce_nchw_kernel(dy_ptr, x_ptr, out_ptr, mean_ptr, var_ptr, w_ptr, dx_ptr, dres_ptr, ws_ptr,
                             N, C, HW, eps, n_per_split, hw_per_split, splits_hw, num_splits,
                             HAS_WEIGHT: tl.constexpr, RELU: tl.constexpr, WRITE_DRES: tl.constexpr,
@@ -578,7 +585,7 @@ def _bwd_reduce_nchw_kernel(dy_ptr, x_ptr, out_ptr, mean_ptr, var_ptr, w_ptr, dx
     tl.store(ws_ptr + num_splits * C + idx, tl.sum(acc_dyx))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("num_splits",))
 def _bwd_combine_kernel(ws_ptr, var_ptr, gw_ptr, gb_ptr, C, num_splits, eps,
                         BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """Evaluation mode: grad_bias = sum(dy'), grad_weight = invstd * sum(dy' (x - mean))."""
@@ -591,7 +598,7 @@ def _bwd_combine_kernel(ws_ptr, var_ptr, gw_ptr, gb_ptr, C, num_splits, eps,
     tl.store(gw_ptr + cols, sum_dyx * invstd, mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_ROW_SPLITS + ("num_partials",))
 def _bwd_dx_nhwc_kernel(dy_ptr, x_ptr, out_ptr, ws_ptr, mean_ptr, var_ptr, w_ptr, gw_ptr, gb_ptr, dx_ptr,
                         M, C, eps, inv_count, rows_per_split, num_partials,
                         HAS_WEIGHT: tl.constexpr, RELU: tl.constexpr,
@@ -632,7 +639,7 @@ def _bwd_dx_nhwc_kernel(dy_ptr, x_ptr, out_ptr, ws_ptr, mean_ptr, var_ptr, w_ptr
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_TILE_SPLITS + ("num_partials",))
 def _bwd_dx_nchw_kernel(dy_ptr, x_ptr, out_ptr, ws_ptr, mean_ptr, var_ptr, w_ptr, gw_ptr, gb_ptr, dx_ptr,
                         N, C, HW, eps, inv_count, n_per_split, hw_per_split, splits_hw, num_partials,
                         HAS_WEIGHT: tl.constexpr, RELU: tl.constexpr,
