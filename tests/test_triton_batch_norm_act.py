@@ -31,6 +31,8 @@ from conftest import (
     relu_with_mask_of,
     requires_gpu,
     run_cpu_tests_in_triton_interpreter,
+    strided_buffer,
+    strided_per_channel,
 )
 
 import resnet_fast
@@ -276,13 +278,16 @@ def test_opcheck_triton_ops(kernels, training, residual, relu, channels_last, de
                           test_utils=utils)
     torch.library.opcheck(kernels.triton_batch_norm_act_backward,
                           (grad, x, None, mean, var, out, training, 1e-5, True, False), test_utils=utils)
+    for counter, momentum in ((torch.tensor(2, device=device), None), (None, 0.1)):
+        torch.library.opcheck(kernels.triton_update_running_stats,
+                              (rm.clone(), rv.clone(), counter, mean, var, 75, momentum), test_utils=utils)
 
 
 def test_launchers_are_torch_library_triton_ops(kernels):
-    for name in ("triton_batch_norm_act_forward", "triton_batch_norm_act_backward"):
+    for name in ("triton_batch_norm_act_forward", "triton_batch_norm_act_backward", "triton_update_running_stats"):
         assert hasattr(torch.ops.resnet_fast, name)
         assert isinstance(getattr(kernels, name), torch._library.custom_ops.CustomOpDef)
-    for op in ("batch_norm_act", "batch_norm_act_backward", "conv_bn_act"):
+    for op in ("batch_norm_act", "batch_norm_act_backward", "conv_bn_act", "update_running_stats"):
         assert dispatch.BACKENDS["triton"].kernels[op] is getattr(kernels, op)
 
 
@@ -298,6 +303,39 @@ def test_every_apply_program_normalises_with_the_stored_statistics(kernels, chan
     out, mean, var = kernels.triton_batch_norm_act_forward(x, w, b, None, None, None, True, 1e-5, True)
     again, _, _ = kernels.triton_batch_norm_act_forward(x, w, b, None, mean, var, False, 1e-5, True)
     assert torch.equal(out, again)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("tracked", [True, False])
+@pytest.mark.parametrize("strided", [False, True])
+def test_update_running_stats_kernel(kernels, dtype, momentum, tracked, strided, device):
+    """The one-launch running-statistics update against float64 math: buffers of the tested
+    dtype (strided ones updated in place, nothing written between their elements), the
+    counter incremented once, f = 1 / num_batches_tracked for momentum None."""
+    g = torch.Generator().manual_seed(2)
+    c, count = 37, 29
+    rm = torch.randn(c, generator=g).to(device, dtype)
+    rv = (torch.rand(c, generator=g) + 0.5).to(device, dtype)
+    mean, var = torch.randn(c, generator=g).to(device), torch.rand(c, generator=g).to(device)
+    counter = torch.tensor(4, device=device) if tracked else None
+    expected_factor = 0.0 if momentum is None else momentum
+    if tracked and momentum is None:
+        expected_factor = 1 / 5
+    expected_mean = (1 - expected_factor) * rm.double() + expected_factor * mean.double()
+    expected_var = (1 - expected_factor) * rv.double() + expected_factor * var.double() * count / (count - 1)
+    if strided:
+        (rm, rm_gaps), (rv, rv_gaps) = strided_buffer(rm), strided_buffer(rv)
+        mean, var = strided_per_channel(mean), strided_per_channel(var)
+    kernels.update_running_stats(rm, rv, counter, mean, var, count, momentum)
+    tol = {torch.float32: 1e-6, torch.float16: 1e-3}[dtype]
+    torch.testing.assert_close(rm.double(), expected_mean, rtol=tol, atol=tol)
+    torch.testing.assert_close(rv.double(), expected_var, rtol=tol, atol=tol)
+    if tracked:
+        assert counter.item() == 5
+    if strided:
+        assert rm_gaps.isnan().all() and rv_gaps.isnan().all()
 
 
 # ----------------------------------------------------------------------------- launch count
@@ -325,9 +363,10 @@ def launch_log(kernels, monkeypatch) -> list[tuple[str, tuple, dict]]:
 
 
 # Kernels per BatchNorm layer (the module docstring's table): the statistics combine runs
-# in the apply kernel's prologue, the gradient combine in the dx kernel's (training).
+# in the apply kernel's prologue, the gradient combine in the dx kernel's (training); the
+# running-statistics update is one more kernel.
 LAUNCHES_PER_LAYER = {
-    (True, "forward"): ["stats", "apply"],
+    (True, "forward"): ["stats", "apply", "update_running_stats"],
     (True, "backward"): ["bwd_reduce", "bwd_dx"],
     (False, "forward"): ["apply"],
     (False, "backward"): ["bwd_reduce", "bwd_combine"],
@@ -338,7 +377,7 @@ LAUNCHES_PER_LAYER = {
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("residual", [True, False])
-def test_launches_per_layer(launch_log, channels_last, training, residual, device):
+def test_launches_per_layer(kernels, launch_log, channels_last, training, residual, device):
     """Two kernels forward and two backward in training; with a residual gradient the dx kernel
     reads dy' (written by the reduction) instead of dy and out."""
     g = torch.Generator().manual_seed(8)
@@ -352,7 +391,7 @@ def test_launches_per_layer(launch_log, channels_last, training, residual, devic
     backward = [name for name, _, _ in launch_log[len(forward):]]
     layout = "nhwc" if channels_last else "nchw"
     for stage, names in (("forward", forward), ("backward", backward)):
-        expected = [k if k.endswith("combine") else f"{k}_{layout}" for k in LAUNCHES_PER_LAYER[training, stage]]
+        expected = [k if k in kernels.KERNELS else f"{k}_{layout}" for k in LAUNCHES_PER_LAYER[training, stage]]
         assert names == expected, f"{stage}: {names}"
     if training and residual:
         (_, reduce_args, reduce_flags), (_, dx_args, dx_flags) = launch_log[-2:]
@@ -379,9 +418,10 @@ def test_split_geometry_is_not_specialised(kernels):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_resnet50_training_step_launches_four_kernels_per_batch_norm(launch_log, device):
-    """A training step of ResNet-50 (53 BatchNorms) launches 212 Triton kernels (318 with a
-    combine kernel after each reduction)."""
+def test_resnet50_training_step_launches_five_kernels_per_batch_norm(launch_log, device):
+    """A training step of ResNet-50 (53 BatchNorms) launches 265 Triton kernels for them and
+    nothing else (before: 318, with a combine kernel after each reduction, plus 10 PyTorch
+    kernels per running-statistics update)."""
     torch.manual_seed(0)
     model = resnet_fast.resnet50(num_classes=10).to(device, memory_format=torch.channels_last)
     x = torch.randn(2, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
@@ -389,8 +429,9 @@ def test_resnet50_training_step_launches_four_kernels_per_batch_norm(launch_log,
     counts = {}
     for name, _, _ in launch_log:
         counts[name] = counts.get(name, 0) + 1
-    assert counts == {"stats_nhwc": 53, "apply_nhwc": 53, "bwd_reduce_nhwc": 53, "bwd_dx_nhwc": 53}
-    assert len(launch_log) == 212
+    assert counts == {"stats_nhwc": 53, "apply_nhwc": 53, "update_running_stats": 53,
+                      "bwd_reduce_nhwc": 53, "bwd_dx_nhwc": 53}
+    assert len(launch_log) == 265
 
 
 # ----------------------------------------------------------------------------- GPU only

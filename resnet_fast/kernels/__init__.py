@@ -28,7 +28,6 @@ from typing import Any, Callable
 
 import torch
 
-from resnet_fast.ops import reference
 from resnet_fast.ops.dispatch import TENSOR_CORE_DOT, register_input_check, register_kernel
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -37,6 +36,7 @@ OPERATORS = {
     "batch_norm_act": "resnet_fast.kernels.batch_norm_act",
     "batch_norm_act_backward": "resnet_fast.kernels.batch_norm_act",
     "conv_bn_act": "resnet_fast.kernels.batch_norm_act",
+    "update_running_stats": "resnet_fast.kernels.batch_norm_act",
     "conv2d_bias_act": "resnet_fast.kernels.conv2d",
     "conv2d_stats": "resnet_fast.kernels.conv2d",
 }
@@ -105,6 +105,3 @@ if importlib.util.find_spec("triton") is not None:
     for _op, _module in OPERATORS.items():
         register_kernel("triton", _op, requires=TENSOR_CORE_DOT if _op in TENSOR_CORE_OPERATORS else None)(
             _on_first_call(_op, _module))
-    # The running-statistics update is a C-element op with no Triton kernel worth writing:
-    # the torch implementation serves, so an explicit "triton" choice runs whole modules.
-    register_kernel("triton", "update_running_stats")(reference.update_running_stats)

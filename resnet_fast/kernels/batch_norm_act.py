@@ -22,6 +22,11 @@ Forward, training (two launches; x is read twice from DRAM, out written once):
 
 Forward, eval: only ``_apply_*``, with the running statistics.
 
+Running statistics (the separate operator ``update_running_stats``, after a training
+forward): ``_update_running_stats_kernel``, one program, in place in buffers of any
+strides, num_batches_tracked incremented and f = 1 / num_batches_tracked read on the
+device (momentum None) — one launch where the PyTorch composition takes 10 (15).
+
 Backward, with dy' = dy * (out > 0) under a ReLU (the mask recomputed from ``out``):
 
 1. ``_bwd_reduce_*`` — one read of dy, x (and out): per-split float32 sums of dy' and
@@ -41,8 +46,8 @@ with a residual add, whose gradient is then written, else 0):
 =================  ========  ====================================================
 pass               launches  bytes
 =================  ========  ====================================================
-training forward   2         (3 + R) E b: stats reads x; apply reads x (+ residual),
-                             writes out
+training forward   2 + 1     (3 + R) E b: stats reads x; apply reads x (+ residual),
+                             writes out; + the running-statistics update (C elements)
 training backward  2         7 E b: reduce reads dy, out, x (+ writes dy'); dx reads
                              dy, out, x — or dy', x with a residual — writes dx
 eval forward       1         (2 + R) E b
@@ -52,7 +57,8 @@ eval backward      2         (4 + R) E b
 Without a ReLU ``out`` is not read: 5 E b backward in training. Besides these, each apply
 (dx) program reads its channels' partials from L2: (2 BLOCK_C + 1) * 4 bytes (2 BLOCK_C *
 4) per statistics (reduction) split. A ResNet-50 training step (53 BatchNorms) launches
-212 kernels (318 with the combine as its own launch, as before); at batch 256, bf16,
+265 kernels for them, running-statistics updates included (before: 318 Triton kernels,
+a combine after each reduction, and 530 PyTorch kernels for the updates); at batch 256, bf16,
 224x224 on 132 SMs the BatchNorm passes move 19.9 GB forward and 38.3 GB backward
 (41.1 GB when dx re-read dy and out in the 16 residual layers), and the merges read
 2.4 GB from L2 (0.04 GB with separate combine kernels).
@@ -118,6 +124,7 @@ DEFAULT_SM_COUNT = 132  # H100 SXM, when there is no GPU to ask (interpreter, tr
 NUM_WARPS = 4
 COMBINE_BLOCK_S = 32  # splits per step of a partials merge
 COMBINE_BLOCK_C = 32  # channels per program of the standalone combine kernels
+UPDATE_BLOCK_C = 1024  # running-statistics update: channels per loop step of its one program
 
 
 def _pow2(n: int) -> int:
@@ -684,6 +691,35 @@ def _bwd_dx_nchw_kernel(dy_ptr, x_ptr, out_ptr, ws_ptr, mean_ptr, var_ptr, w_ptr
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _update_running_stats_kernel(rm_ptr, rv_ptr, tracked_ptr, mean_ptr, var_ptr, C,
+                                 rm_stride, rv_stride, mean_stride, var_stride, momentum, bessel,
+                                 HAS_TRACKED: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """running <- (1 - f) running + f batch statistic (var * bessel), in place, any strides.
+
+    f = momentum, or 1 / num_batches_tracked after its increment (CUMULATIVE). One program:
+    the counter is read, incremented and written once, with no other program to race.
+    """
+    factor = momentum
+    if HAS_TRACKED:
+        tracked = tl.load(tracked_ptr) + 1
+        tl.store(tracked_ptr, tracked)
+        if CUMULATIVE:
+            factor = tl.math.div_rn(1.0, tracked.to(tl.float32))
+    keep = 1.0 - factor
+    offs = tl.arange(0, BLOCK_C)
+    for c0 in range(0, C, BLOCK_C):
+        cols = (c0 + offs).to(tl.int64)
+        mask = cols < C
+        rm = tl.load(rm_ptr + cols * rm_stride, mask=mask, other=0.0).to(tl.float32)
+        rv = tl.load(rv_ptr + cols * rv_stride, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + cols * mean_stride, mask=mask, other=0.0).to(tl.float32)
+        var = tl.load(var_ptr + cols * var_stride, mask=mask, other=0.0).to(tl.float32)
+        tl.store(rm_ptr + cols * rm_stride, (keep * rm + factor * mean).to(rm_ptr.dtype.element_ty), mask=mask)
+        tl.store(rv_ptr + cols * rv_stride, (keep * rv + factor * (var * bessel)).to(rv_ptr.dtype.element_ty),
+                 mask=mask)
+
+
 KERNELS = {
     "stats_nhwc": _stats_nhwc_kernel,
     "stats_nchw": _stats_nchw_kernel,
@@ -695,6 +731,7 @@ KERNELS = {
     "bwd_combine": _bwd_combine_kernel,
     "bwd_dx_nhwc": _bwd_dx_nhwc_kernel,
     "bwd_dx_nchw": _bwd_dx_nchw_kernel,
+    "update_running_stats": _update_running_stats_kernel,
 }
 """Every Triton kernel of this module, by name."""
 
@@ -702,10 +739,13 @@ KERNELS = {
 def _compile_example(name: str, kernel) -> tuple[dict[str, str], dict[str, object]]:
     """Signature and constexprs for compiling ``kernel`` ahead of time: the shipped rules'
     typical blocks and every optional path (residual, ReLU, ...) switched on. Per-channel
-    vectors and workspaces are float32; the other pointers hold activations."""
-    float32_pointers = {"ws_ptr", "mean_ptr", "var_ptr", "w_ptr", "b_ptr", "gw_ptr", "gb_ptr"}
-    float_scalars = {"eps", "inv_count"}
-    if "combine" in name:
+    vectors (running statistics included) and workspaces are float32, the step counter
+    int64; the other pointers hold activations."""
+    float32_pointers = {"ws_ptr", "mean_ptr", "var_ptr", "w_ptr", "b_ptr", "gw_ptr", "gb_ptr", "rm_ptr", "rv_ptr"}
+    float_scalars = {"eps", "inv_count", "momentum", "bessel"}
+    if name == "update_running_stats":
+        blocks = {"BLOCK_C": UPDATE_BLOCK_C}
+    elif "combine" in name:
         blocks = {"BLOCK_S": COMBINE_BLOCK_S, "BLOCK_C": COMBINE_BLOCK_C}
     else:
         blocks = {"BLOCK_M": 64, "BLOCK_C": 64, "BLOCK_N": 4, "BLOCK_HW": 1024, "BLOCK_S": COMBINE_BLOCK_S}
@@ -714,6 +754,8 @@ def _compile_example(name: str, kernel) -> tuple[dict[str, str], dict[str, objec
         if p.is_constexpr:
             signature[p.name] = "constexpr"
             constexprs[p.name] = blocks[p.name] if p.name.startswith("BLOCK_") else True
+        elif p.name == "tracked_ptr":
+            signature[p.name] = "*i64"
         elif p.name.endswith("_ptr"):
             signature[p.name] = "*fp32" if p.name in float32_pointers else "*{data}"
         else:
@@ -894,6 +936,35 @@ def triton_batch_norm_act_backward(
     return grad_input, grad_weight, grad_bias, grad_residual
 
 
+@triton_op("resnet_fast::triton_update_running_stats",
+           mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+def triton_update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Optional[Tensor],
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: Optional[float],
+) -> None:
+    """Triton ``update_running_stats``: one launch, in place in buffers of any strides.
+
+    The arithmetic is float32 (the triton backend takes float16, bfloat16 and float32
+    tensors); f = 1 / num_batches_tracked (momentum None) is computed on the device.
+    Without ``num_batches_tracked``, momentum None means f = 0, as the torch backend.
+    """
+    if not _launches(running_mean):
+        return
+    tracked = num_batches_tracked if num_batches_tracked is not None else running_mean
+    wrap_triton(_update_running_stats_kernel)[(1,)](
+        running_mean, running_var, tracked, mean, var, running_mean.shape[0],
+        running_mean.stride(0), running_var.stride(0), mean.stride(0), var.stride(0),
+        0.0 if momentum is None else momentum, count / (count - 1),
+        HAS_TRACKED=num_batches_tracked is not None,
+        CUMULATIVE=momentum is None and num_batches_tracked is not None,
+        BLOCK_C=min(_pow2(running_mean.shape[0]), UPDATE_BLOCK_C), num_warps=NUM_WARPS)
+
+
 # ----------------------------------------------------------------------------- backend
 # (resnet_fast.kernels registered loaders for these; importing this module replaces them.)
 @register_kernel("triton", "batch_norm_act")
@@ -908,6 +979,12 @@ def batch_norm_act_backward(grad_out, x, weight, mean, var, out, training, eps, 
     """``batch_norm_act_backward`` through :func:`triton_batch_norm_act_backward`."""
     return triton_batch_norm_act_backward(grad_out, x, weight, mean, var, out, training, eps, relu,
                                           need_grad_residual)
+
+
+@register_kernel("triton", "update_running_stats")
+def update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count: int, momentum):
+    """``update_running_stats`` through :func:`triton_update_running_stats`."""
+    triton_update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
 
 
 @register_kernel("triton", "conv_bn_act")
