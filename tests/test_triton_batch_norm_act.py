@@ -417,6 +417,17 @@ def test_split_geometry_is_not_specialised(kernels):
             assert not params[arg].do_not_specialize, f"{name} does not specialise {arg}"
 
 
+def test_profiler_files_every_batch_norm_kernel_under_normalisation(kernels):
+    """Traces name Triton kernels by function: the breakdown's categories must see them."""
+    from resnet_fast.bench.trace import categorize
+
+    for name, kernel in kernels.KERNELS.items():
+        if name == "stats_combine":  # launched by kernels.conv2d after its convolution
+            continue
+        function = getattr(kernel, "fn", kernel).__name__
+        assert categorize(function) == "normalisation", function
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_resnet50_training_step_launches_five_kernels_per_batch_norm(launch_log, device):
     """A training step of ResNet-50 (53 BatchNorms) launches 265 Triton kernels for them and

@@ -6,12 +6,12 @@ M = N*H*W values of the normalised tensor x:
 
 Forward, training (two launches; x is read twice from DRAM, out written once):
 
-1. ``_stats_*`` — one read of x. A grid of (channel block, split) programs; each split
+1. ``_bn_stats_*`` — one read of x. A grid of (channel block, split) programs; each split
    covers a range of rows (NHWC) or of (image, pixel) tiles (NCHW) and accumulates,
    in float32, shifted sums S1 = sum(x - K), S2 = sum((x - K)^2) with K the mean of
    the program's first tile (so a mean offset of 1000 costs no precision), then writes
    its (mean, M2) per channel and its count to a small float32 workspace.
-2. ``_apply_*`` — its prologue merges the partials of the program's channels
+2. ``_bn_apply_*`` — its prologue merges the partials of the program's channels
    (``_merged_statistics``: Chan's parallel merge, one pass in split order, so every
    program of a channel gets the same bits and split 0's programs store mean and var —
    deterministic, no atomics, nothing to reset between CUDA-graph replays); then one read
@@ -20,7 +20,7 @@ Forward, training (two launches; x is read twice from DRAM, out written once):
    (x - mean first, not x * scale + shift: with a large mean the two products would
    cancel.)
 
-Forward, eval: only ``_apply_*``, with the running statistics.
+Forward, eval: only ``_bn_apply_*``, with the running statistics.
 
 Running statistics (the separate operator ``update_running_stats``, after a training
 forward): ``_update_running_stats_kernel``, one program, in place in buffers of any
@@ -29,16 +29,16 @@ device (momentum None) — one launch where the PyTorch composition takes 10 (15
 
 Backward, with dy' = dy * (out > 0) under a ReLU (the mask recomputed from ``out``):
 
-1. ``_bwd_reduce_*`` — one read of dy, x (and out): per-split float32 sums of dy' and
+1. ``_bn_bwd_reduce_*`` — one read of dy, x (and out): per-split float32 sums of dy' and
    dy' * (x - mean) into a (2, splits, C) workspace. It also writes d_residual = dy'
    when asked, and in eval mode dx = weight * invstd * dy'.
-2. Training: ``_bwd_dx_*`` — its prologue merges the sums of its channels
+2. Training: ``_bn_bwd_dx_*`` — its prologue merges the sums of its channels
    (``_merged_sums``): grad_bias = sum(dy'), grad_weight = invstd * sum(dy' (x - mean)),
    stored by split 0's programs; then one read of dy and out — or of d_residual = dy'
    alone when the reduction wrote it — and of x, one write of dx:
    dx = a dy' + k1 (x - mean) + k0 with a = weight * invstd,
    k1 = -a * invstd * grad_weight / M, k0 = -a * grad_bias / M.
-   Eval: ``_bwd_combine_kernel`` writes grad_weight and grad_bias (dx is already written).
+   Eval: ``_bn_bwd_combine_kernel`` writes grad_weight and grad_bias (dx is already written).
 
 Launches and DRAM bytes per layer, for E = N*C*H*W elements of b bytes (ReLU; R = 1
 with a residual add, whose gradient is then written, else 0):
@@ -226,6 +226,9 @@ def _elementwise_grid(x: Tensor, nhwc: bool) -> _Reduction:
 # square root; element loops use only +, -, *.
 
 
+# Kernel names start with "_bn_" (or say "running_stats"): profiler traces name kernels by
+# function, and resnet_fast.bench.trace files those under normalisation.
+#
 # Split geometry (rows or tiles per split, number of splits) varies from layer to layer:
 # not specialised (== 1, divisible by 16), so each kernel compiles once per flag set and
 # dtype instead of once per geometry class.
@@ -234,7 +237,7 @@ _TILE_SPLITS = ("n_per_split", "hw_per_split", "splits_hw")
 
 
 @triton.jit(do_not_specialize=_ROW_SPLITS + ("num_splits",))
-def _stats_nhwc_kernel(x_ptr, ws_ptr, M, C, rows_per_split, num_splits,
+def _bn_stats_nhwc_kernel(x_ptr, ws_ptr, M, C, rows_per_split, num_splits,
                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """(mean, M2) per (split, channel) of rows [s * rows_per_split, ...) of (M, C) x, and each
     split's count (written by the first channel block)."""
@@ -275,7 +278,7 @@ def _stats_nhwc_kernel(x_ptr, ws_ptr, M, C, rows_per_split, num_splits,
 
 
 @triton.jit(do_not_specialize=_TILE_SPLITS + ("num_splits",))
-def _stats_nchw_kernel(x_ptr, ws_ptr, N, C, HW, n_per_split, hw_per_split, splits_hw, num_splits,
+def _bn_stats_nchw_kernel(x_ptr, ws_ptr, N, C, HW, n_per_split, hw_per_split, splits_hw, num_splits,
                        BLOCK_N: tl.constexpr, BLOCK_HW: tl.constexpr):
     """(mean, M2) per (split, channel) of a block of images x pixels of NCHW x, and each
     split's count (written by channel 0's program)."""
@@ -408,7 +411,7 @@ def _stats_combine_kernel(ws_ptr, mean_ptr, var_ptr, C, num_splits,
 
 
 @triton.jit(do_not_specialize=_ROW_SPLITS + ("num_partials",))
-def _apply_nhwc_kernel(x_ptr, res_ptr, out_ptr, ws_ptr, mean_ptr, var_ptr, w_ptr, b_ptr,
+def _bn_apply_nhwc_kernel(x_ptr, res_ptr, out_ptr, ws_ptr, mean_ptr, var_ptr, w_ptr, b_ptr,
                        M, C, eps, rows_per_split, num_partials,
                        FROM_PARTIALS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                        HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
@@ -452,7 +455,7 @@ def _apply_nhwc_kernel(x_ptr, res_ptr, out_ptr, ws_ptr, mean_ptr, var_ptr, w_ptr
 
 
 @triton.jit(do_not_specialize=_TILE_SPLITS + ("num_partials",))
-def _apply_nchw_kernel(x_ptr, res_ptr, out_ptr, ws_ptr, mean_ptr, var_ptr, w_ptr, b_ptr,
+def _bn_apply_nchw_kernel(x_ptr, res_ptr, out_ptr, ws_ptr, mean_ptr, var_ptr, w_ptr, b_ptr,
                        N, C, HW, eps, n_per_split, hw_per_split, splits_hw, num_partials,
                        FROM_PARTIALS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                        HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
@@ -502,7 +505,7 @@ def _apply_nchw_kernel(x_ptr, res_ptr, out_ptr, ws_ptr, mean_ptr, var_ptr, w_ptr
 
 
 @triton.jit(do_not_specialize=_ROW_SPLITS + ("num_splits",))
-def _bwd_reduce_nhwc_kernel(dy_ptr, x_ptr, out_ptr, mean_ptr, var_ptr, w_ptr, dx_ptr, dres_ptr, ws_ptr,
+def _bn_bwd_reduce_nhwc_kernel(dy_ptr, x_ptr, out_ptr, mean_ptr, var_ptr, w_ptr, dx_ptr, dres_ptr, ws_ptr,
                             M, C, eps, rows_per_split, num_splits,
                             HAS_WEIGHT: tl.constexpr, RELU: tl.constexpr, WRITE_DRES: tl.constexpr,
                             WRITE_DX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -547,7 +550,7 @@ def _bwd_reduce_nhwc_kernel(dy_ptr, x_ptr, out_ptr, mean_ptr, var_ptr, w_ptr, dx
 
 
 @triton.jit(do_not_specialize=_TILE_SPLITS + ("num_splits",))
-def _bwd_reduce_nchw_kernel(dy_ptr, x_ptr, out_ptr, mean_ptr, var_ptr, w_ptr, dx_ptr, dres_ptr, ws_ptr,
+def _bn_bwd_reduce_nchw_kernel(dy_ptr, x_ptr, out_ptr, mean_ptr, var_ptr, w_ptr, dx_ptr, dres_ptr, ws_ptr,
                             N, C, HW, eps, n_per_split, hw_per_split, splits_hw, num_splits,
                             HAS_WEIGHT: tl.constexpr, RELU: tl.constexpr, WRITE_DRES: tl.constexpr,
                             WRITE_DX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HW: tl.constexpr):
@@ -593,7 +596,7 @@ def _bwd_reduce_nchw_kernel(dy_ptr, x_ptr, out_ptr, mean_ptr, var_ptr, w_ptr, dx
 
 
 @triton.jit(do_not_specialize=("num_splits",))
-def _bwd_combine_kernel(ws_ptr, var_ptr, gw_ptr, gb_ptr, C, num_splits, eps,
+def _bn_bwd_combine_kernel(ws_ptr, var_ptr, gw_ptr, gb_ptr, C, num_splits, eps,
                         BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """Evaluation mode: grad_bias = sum(dy'), grad_weight = invstd * sum(dy' (x - mean))."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -606,7 +609,7 @@ def _bwd_combine_kernel(ws_ptr, var_ptr, gw_ptr, gb_ptr, C, num_splits, eps,
 
 
 @triton.jit(do_not_specialize=_ROW_SPLITS + ("num_partials",))
-def _bwd_dx_nhwc_kernel(dy_ptr, x_ptr, out_ptr, ws_ptr, mean_ptr, var_ptr, w_ptr, gw_ptr, gb_ptr, dx_ptr,
+def _bn_bwd_dx_nhwc_kernel(dy_ptr, x_ptr, out_ptr, ws_ptr, mean_ptr, var_ptr, w_ptr, gw_ptr, gb_ptr, dx_ptr,
                         M, C, eps, inv_count, rows_per_split, num_partials,
                         HAS_WEIGHT: tl.constexpr, RELU: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -647,7 +650,7 @@ def _bwd_dx_nhwc_kernel(dy_ptr, x_ptr, out_ptr, ws_ptr, mean_ptr, var_ptr, w_ptr
 
 
 @triton.jit(do_not_specialize=_TILE_SPLITS + ("num_partials",))
-def _bwd_dx_nchw_kernel(dy_ptr, x_ptr, out_ptr, ws_ptr, mean_ptr, var_ptr, w_ptr, gw_ptr, gb_ptr, dx_ptr,
+def _bn_bwd_dx_nchw_kernel(dy_ptr, x_ptr, out_ptr, ws_ptr, mean_ptr, var_ptr, w_ptr, gw_ptr, gb_ptr, dx_ptr,
                         N, C, HW, eps, inv_count, n_per_split, hw_per_split, splits_hw, num_partials,
                         HAS_WEIGHT: tl.constexpr, RELU: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -721,16 +724,16 @@ def _update_running_stats_kernel(rm_ptr, rv_ptr, tracked_ptr, mean_ptr, var_ptr,
 
 
 KERNELS = {
-    "stats_nhwc": _stats_nhwc_kernel,
-    "stats_nchw": _stats_nchw_kernel,
+    "stats_nhwc": _bn_stats_nhwc_kernel,
+    "stats_nchw": _bn_stats_nchw_kernel,
     "stats_combine": _stats_combine_kernel,
-    "apply_nhwc": _apply_nhwc_kernel,
-    "apply_nchw": _apply_nchw_kernel,
-    "bwd_reduce_nhwc": _bwd_reduce_nhwc_kernel,
-    "bwd_reduce_nchw": _bwd_reduce_nchw_kernel,
-    "bwd_combine": _bwd_combine_kernel,
-    "bwd_dx_nhwc": _bwd_dx_nhwc_kernel,
-    "bwd_dx_nchw": _bwd_dx_nchw_kernel,
+    "apply_nhwc": _bn_apply_nhwc_kernel,
+    "apply_nchw": _bn_apply_nchw_kernel,
+    "bwd_reduce_nhwc": _bn_bwd_reduce_nhwc_kernel,
+    "bwd_reduce_nchw": _bn_bwd_reduce_nchw_kernel,
+    "bwd_combine": _bn_bwd_combine_kernel,
+    "bwd_dx_nhwc": _bn_bwd_dx_nhwc_kernel,
+    "bwd_dx_nchw": _bn_bwd_dx_nchw_kernel,
     "update_running_stats": _update_running_stats_kernel,
 }
 """Every Triton kernel of this module, by name."""
@@ -765,7 +768,7 @@ def _compile_example(name: str, kernel) -> tuple[dict[str, str], dict[str, objec
 # Under TRITON_INTERPRET=1 ``triton.jit`` returns interpreter functions: they run on CPU
 # tensors, but cannot be traced, so with fake tensors (the fake implementation, opcheck)
 # the launchers only allocate their outputs.
-INTERPRETED = not isinstance(_apply_nhwc_kernel, triton.runtime.JITFunction)
+INTERPRETED = not isinstance(_bn_apply_nhwc_kernel, triton.runtime.JITFunction)
 
 if not INTERPRETED:  # interpreter functions cannot be compiled ahead of time
     for _name, _kernel in KERNELS.items():
@@ -800,11 +803,11 @@ def _statistics_partials(x: Tensor, nhwc: bool) -> tuple[Tensor, int]:
     if not _launches(x):
         return ws, red.splits
     if nhwc:
-        wrap_triton(_stats_nhwc_kernel)[red.grid](
+        wrap_triton(_bn_stats_nhwc_kernel)[red.grid](
             x, ws, n * h * w, c, red.rows_per_split, red.splits,
             BLOCK_M=red.block_r, BLOCK_C=red.block_k, num_warps=NUM_WARPS)
     else:
-        wrap_triton(_stats_nchw_kernel)[red.grid](
+        wrap_triton(_bn_stats_nchw_kernel)[red.grid](
             x, ws, n, c, h * w, red.rows_per_split, red.k_per_split, red.splits_k, red.splits,
             BLOCK_N=red.block_r, BLOCK_HW=red.block_k, num_warps=NUM_WARPS)
     return ws, red.splits
@@ -849,11 +852,11 @@ def triton_batch_norm_act_forward(
     b_arg = mean if bias is None else bias
     r_arg = x if residual is None else residual
     if nhwc:
-        wrap_triton(_apply_nhwc_kernel)[grid.grid](
+        wrap_triton(_bn_apply_nhwc_kernel)[grid.grid](
             x, r_arg, out, ws, mean, var, w_arg, b_arg, n * h * w, c, eps, grid.rows_per_split, partials,
             BLOCK_M=grid.block_r, BLOCK_C=grid.block_k, **flags)
     else:
-        wrap_triton(_apply_nchw_kernel)[grid.grid](
+        wrap_triton(_bn_apply_nchw_kernel)[grid.grid](
             x, r_arg, out, ws, mean, var, w_arg, b_arg, n, c, h * w, eps,
             grid.rows_per_split, grid.k_per_split, grid.splits_k, partials,
             BLOCK_N=grid.block_r, BLOCK_HW=grid.block_k, **flags)
@@ -904,17 +907,17 @@ def triton_batch_norm_act_backward(
     reduce_flags = dict(HAS_WEIGHT=weight is not None, RELU=relu, WRITE_DRES=need_grad_residual,
                         WRITE_DX=not training, num_warps=NUM_WARPS)
     if nhwc:
-        wrap_triton(_bwd_reduce_nhwc_kernel)[red.grid](
+        wrap_triton(_bn_bwd_reduce_nhwc_kernel)[red.grid](
             grad_out, x, o_arg, mean, var, w_arg, grad_input, r_arg, ws,
             n * h * w, c, eps, red.rows_per_split, red.splits,
             BLOCK_M=red.block_r, BLOCK_C=red.block_k, **reduce_flags)
     else:
-        wrap_triton(_bwd_reduce_nchw_kernel)[red.grid](
+        wrap_triton(_bn_bwd_reduce_nchw_kernel)[red.grid](
             grad_out, x, o_arg, mean, var, w_arg, grad_input, r_arg, ws,
             n, c, h * w, eps, red.rows_per_split, red.k_per_split, red.splits_k, red.splits,
             BLOCK_N=red.block_r, BLOCK_HW=red.block_k, **reduce_flags)
     if not training:  # dx was written by the reduction: only the gradient sums remain
-        wrap_triton(_bwd_combine_kernel)[(_cdiv(c, COMBINE_BLOCK_C),)](
+        wrap_triton(_bn_bwd_combine_kernel)[(_cdiv(c, COMBINE_BLOCK_C),)](
             ws, var, grad_weight, grad_bias, c, red.splits, eps,
             BLOCK_S=COMBINE_BLOCK_S, BLOCK_C=COMBINE_BLOCK_C, num_warps=NUM_WARPS)
         return grad_input, grad_weight, grad_bias, grad_residual
@@ -924,12 +927,12 @@ def triton_batch_norm_act_backward(
     flags = dict(HAS_WEIGHT=weight is not None, RELU=masked, BLOCK_S=COMBINE_BLOCK_S, num_warps=NUM_WARPS)
     inv_count = 1.0 / red.count
     if nhwc:
-        wrap_triton(_bwd_dx_nhwc_kernel)[grid.grid](
+        wrap_triton(_bn_bwd_dx_nhwc_kernel)[grid.grid](
             dy_arg, x, mask_arg, ws, mean, var, w_arg, grad_weight, grad_bias, grad_input,
             n * h * w, c, eps, inv_count, grid.rows_per_split, red.splits,
             BLOCK_M=grid.block_r, BLOCK_C=grid.block_k, **flags)
     else:
-        wrap_triton(_bwd_dx_nchw_kernel)[grid.grid](
+        wrap_triton(_bn_bwd_dx_nchw_kernel)[grid.grid](
             dy_arg, x, mask_arg, ws, mean, var, w_arg, grad_weight, grad_bias, grad_input,
             n, c, h * w, eps, inv_count, grid.rows_per_split, grid.k_per_split, grid.splits_k, red.splits,
             BLOCK_N=grid.block_r, BLOCK_HW=grid.block_k, **flags)
