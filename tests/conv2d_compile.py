@@ -5,7 +5,8 @@ Used by ``tests/test_triton_conv2d_compile.py`` (run as a script in a fresh proc
 
     python tests/conv2d_compile.py CASE [CASE ...]      CASE = cap:dtype:layer:variant:config
 
-prints one JSON object per case. For each case the launcher's own argument builder
+prints one JSON object per case (``--table`` instead compiles the full set in parallel
+and prints the table :data:`resnet_fast.kernels.conv2d.SPILL_FREE_CONFIGS` should hold). For each case the launcher's own argument builder
 (:func:`resnet_fast.kernels.conv2d.kernel_arguments`) is given tensors of a real ResNet-50
 layer's shape (allocated, never filled), and the kernel's own binder — Triton's runtime
 specialisation, ``native_specialize_impl`` with the NVIDIA backend of the target — turns
@@ -43,7 +44,8 @@ VARIANTS = {
     "stats": (False, False, False, True, False),
     "stats+prologue": (False, False, False, True, True),
 }
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp32-ieee": torch.float32}
+"""``fp32`` runs as TF32 (torch's default for convolutions), ``fp32-ieee`` as IEEE float32."""
 
 
 def _tensors(layer: str, dtype: torch.dtype):
@@ -73,8 +75,7 @@ def specialise(cap: int, dtype: str, layer: str, variant: str, config) -> tuple:
         x, w, torch.empty(c_out) if bias else None, torch.empty_like(out) if residual else None, out,
         torch.empty(c_in) if prologue else None, torch.empty(c_in) if prologue else None, ws,
         stride, padding, [1, 1], relu, True)
-    if dtype == "fp32":
-        flags["INPUT_PRECISION"] = "tf32"  # torch's default for convolutions (the launcher reads it on the GPU)
+    flags["INPUT_PRECISION"] = "tf32" if dtype == "fp32" else "ieee"  # the launcher reads torch's flag on a GPU
     target = GPUTarget("cuda", cap, 32)
     backend = make_backend(target)
     kernel = K._conv2d_kernel
@@ -114,12 +115,83 @@ def compile_case(case: str) -> dict:
     source, target, options = specialise(int(cap), dtype, layer, variant, config)
     binary = triton.compile(source, target=target, options=options)
     ptx = binary.asm["ptx"]
-    return {"case": case, **_ptxas_report(ptx, int(cap)), "wgmma": "wgmma.mma_async" in ptx,
+    names = [p.name for p in K._conv2d_kernel.params]
+    divisible = sorted(names[path[0]] for path, attrs in source.attrs.items() if ["tt.divisibility", 16] in attrs)
+    ones = sorted(names[path[0]] for path, value in source.constants.items()
+                  if not K._conv2d_kernel.params[path[0]].is_constexpr and value == 1)
+    return {"case": case, **_ptxas_report(ptx, int(cap)), "divisible": divisible, "ones": ones,
+            "wgmma": "wgmma.mma_async" in ptx,
             "mma_sync": "mma.sync" in ptx, "cp_async": "cp.async" in ptx,
             "shared": binary.metadata.shared, "num_warps": binary.metadata.num_warps,
             "num_stages": binary.metadata.num_stages}
 
 
+INPUTS = {"bf16": "16-bit", "fp16": "16-bit", "fp32": "tf32", "fp32-ieee": "fp32-ieee"}
+"""Measured dtype -> the input class of :data:`resnet_fast.kernels.conv2d.Variant`."""
+
+
+def variant_key(case: str) -> tuple[str, str, str, str]:
+    """(architecture, epilogue, input, K tiling): the spill table's key of a case."""
+    from resnet_fast.kernels import conv2d as K
+
+    cap, dtype, layer, variant, _ = case.split(":")
+    tiling = "flat-k" if LAYERS[layer][0] < K.FLAT_K_BELOW_CHANNELS else "taps"
+    return K.architecture((int(cap) // 10, int(cap) % 10)), variant, INPUTS[dtype], tiling
+
+
+def full_set(spill_free_only: bool = False) -> list[str]:
+    """Every layer kind x variant x dtype x sm_90/sm_80 x config of :data:`CONFIGS` (with
+    ``spill_free_only``, only the configs autotuning may pick for that variant)."""
+    from resnet_fast.kernels import conv2d as K
+
+    cases = [f"{cap}:{dtype}:{layer}:{variant}:{K.config_name(config)}"
+             for cap in (90, 80) for dtype in DTYPES for layer in LAYERS for variant in VARIANTS
+             for config in K.CONFIGS]
+    if spill_free_only:
+        cases = [c for c in cases if c.rsplit(":", 1)[1] in K.SPILL_FREE_CONFIGS[variant_key(c)]]
+    return cases
+
+
+def measure_all(cases: list[str] | None = None, cache=None, workers: int | None = None) -> dict:
+    """Compile ``cases`` (default :func:`full_set`) in parallel processes; returns
+    {spill-table key: {config name: [reports]}}."""
+    from tqdm import tqdm
+
+    cases = full_set() if cases is None else cases
+    workers = workers or os.cpu_count() or 1
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if cache is not None:
+        env["TRITON_CACHE_DIR"] = str(cache)
+    chunks = [cases[i::workers] for i in range(workers) if cases[i::workers]]
+    procs = [subprocess.Popen([sys.executable, __file__, *chunk], env=env, stdout=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+             for chunk in chunks]
+    reports = []
+    with tqdm(total=len(cases), desc="compiling", unit="kernel", file=sys.stderr) as bar:
+        for proc in procs:
+            for line in proc.stdout:
+                reports.append(json.loads(line))
+                bar.update()
+            if proc.wait() != 0:
+                raise RuntimeError(f"compiling failed (exit {proc.returncode}); see stderr above")
+    table: dict = {}
+    for report in reports:
+        name = report["case"].rsplit(":", 1)[1]
+        table.setdefault(variant_key(report["case"]), {}).setdefault(name, []).append(report)
+    return table
+
+
+def spill_free_table(measured: dict) -> dict:
+    """{key: sorted names of the configs free of spills in every case of that key}."""
+    return {key: sorted(name for name, reports in by_config.items()
+                        if not any(r["spill_stores"] or r["spill_loads"] for r in reports))
+            for key, by_config in sorted(measured.items())}
+
+
 if __name__ == "__main__":
-    for arg in sys.argv[1:]:
-        print(json.dumps(compile_case(arg)), flush=True)
+    if sys.argv[1:] == ["--table"]:
+        for key, names in spill_free_table(measure_all()).items():
+            print(f"    {key!r}: frozenset({set(names)!r})," if names else f"    {key!r}: frozenset(),")
+    else:
+        for arg in sys.argv[1:]:
+            print(json.dumps(compile_case(arg)), flush=True)

@@ -307,10 +307,15 @@ def test_autotune_key_holds_every_constexpr_but_the_tile(kernels):
     assert set(kernels.AUTOTUNE_KEY) <= set(kernels._conv2d_kernel.arg_names)
 
 
+VARIANTS = [(kind, precision, tiling) for kind in ("epilogue", "stats", "stats+prologue")
+            for precision in ("16-bit", "tf32", "fp32-ieee") for tiling in ("taps", "flat-k")]
+
+
 @pytest.mark.skipif(TRITON_INTERPRETER, reason="the interpreter does not autotune")
 def test_tuning_results_are_cached_on_disk(kernels):
     for arch in ("sm_80", "sm_90"):
-        for kind, block_m in (("epilogue", None), ("stats", 128), ("stats+prologue", 64)):
+        for kind in VARIANTS:
+            block_m = 64 if kind[0].startswith("stats") else None
             tuner = kernels._autotuner(arch, kind, block_m)
             assert tuner.cache_results and tuner.keys == kernels.AUTOTUNE_KEY
             assert tuner.configs == kernels.configs_for(arch, kind, block_m)
@@ -325,8 +330,19 @@ def gpu_planning(kernels, monkeypatch):
 
 
 def test_autotuning_is_the_default(gpu_planning):
-    plan = gpu_planning.launch_plan(32 * 56 * 56, 64, torch.device("cpu"), stats=True, prologue=True)
+    plan = gpu_planning.launch_plan(32 * 56 * 56, 64, torch.device("cpu"), stats=True, prologue=True,
+                                    dtype=torch.bfloat16, c_in=64)
     assert plan["autotune"] and plan["config"] is None and plan["block_m"] == 128
+    assert plan["arch"] == "sm_90" and plan["variant"] == ("stats+prologue", "16-bit", "taps")
+
+
+def test_variant_follows_precision_and_k_tiling(gpu_planning, restore_fp32_precision):
+    K = gpu_planning
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    assert K.variant(False, False, torch.float32, 64) == ("epilogue", "tf32", "taps")
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    assert K.variant(True, False, torch.float32, 3) == ("stats", "fp32-ieee", "flat-k")
+    assert K.variant(True, True, torch.float16, 3) == ("stats+prologue", "16-bit", "flat-k")
 
 
 @pytest.mark.parametrize("switch", ["deterministic", "env"])
@@ -339,9 +355,11 @@ def test_one_fixed_config_per_shape_without_autotuning(gpu_planning, monkeypatch
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(switch == "deterministic")
     try:
-        for m, c_out, stats, prologue in ((32 * 56 * 56, 64, True, True), (32 * 7 * 7, 2048, True, False),
-                                          (32 * 28 * 28, 512, False, False)):
-            plans = [K.launch_plan(m, c_out, torch.device("cpu"), stats, prologue) for _ in range(2)]
+        for m, c_out, stats, prologue, dtype, c_in in (
+                (32 * 56 * 56, 64, True, True, torch.bfloat16, 64), (32 * 7 * 7, 2048, True, False, torch.float16, 512),
+                (32 * 28 * 28, 512, False, False, torch.float32, 256), (32 * 112 * 112, 64, True, False,
+                                                                         torch.bfloat16, 3)):
+            plans = [K.launch_plan(m, c_out, torch.device("cpu"), stats, prologue, dtype, c_in) for _ in range(2)]
             assert not plans[0]["autotune"] and plans[0]["config"] is plans[1]["config"]
             allowed = K.configs_for(plans[0]["arch"], plans[0]["variant"], plans[0]["block_m"])
             assert plans[0]["config"] in allowed
@@ -375,18 +393,16 @@ def test_deterministic_statistics_are_bitwise_equal(device):
         assert torch.equal(first, second), name
 
 
-def test_spilling_configs_are_never_tried(kernels):
-    """Every config autotuning or the fixed choice may take is outside the spill table."""
-    for arch in ("sm_80", "sm_90"):
-        for kind in ("epilogue", "stats", "stats+prologue"):
-            spilling = kernels.SPILLING_CONFIGS.get((arch, kind), frozenset())
-            allowed = kernels.configs_for(arch, kind)
-            assert allowed and not {kernels.config_name(c) for c in allowed} & spilling
-            if kind != "epilogue":
-                for block_m in kernels.STATS_BLOCK_MS:
-                    assert kernels.configs_for(arch, kind, block_m), (arch, kind, block_m)
-    assert set(kernels.SPILLING_CONFIGS) == {(a, k) for a in ("sm_80", "sm_90")
-                                            for k in ("epilogue", "stats", "stats+prologue")}
+def test_only_spill_free_configs_are_tried(kernels):
+    """Every variant on every architecture has an entry of spill-free configs, and
+    autotuning (and the fixed choice) takes only from it — for the statistics' M tiles too."""
+    assert set(kernels.SPILL_FREE_CONFIGS) == {(arch, *kind) for arch in ("sm_80", "sm_90") for kind in VARIANTS}
+    names = {kernels.config_name(c) for c in kernels.CONFIGS}
+    for (arch, *kind), allowed in kernels.SPILL_FREE_CONFIGS.items():
+        assert allowed and allowed <= names, (arch, kind, allowed - names)
+        assert {kernels.config_name(c) for c in kernels.configs_for(arch, tuple(kind))} == allowed
+        if kind[0] != "epilogue":
+            assert any(kernels.configs_for(arch, tuple(kind), b) for b in kernels.STATS_BLOCK_MS), (arch, kind)
 
 
 # ------------------------------------------------------------ statistics merge and M tiles
@@ -581,3 +597,58 @@ def test_activation_past_2_31_elements():
     out = dispatch.select_kernel("conv2d_bias_act", x)(x, w, None, None, [1, 1], [0, 0], [1, 1], False)
     expected = F.conv2d(x[-1:].float(), w.float())
     torch.testing.assert_close(out[-1:].float(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_statistics_merge_at_resnet50_layer1_batch_256():
+    """Item 6's case on the GPU: 6,272 M tiles merged in two levels, against float64, and
+    bitwise repeatable under torch.use_deterministic_algorithms(True)."""
+    from resnet_fast.kernels import conv2d as K
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(256, 256, 56, 56, device="cuda", generator=g).bfloat16().contiguous(
+        memory_format=torch.channels_last)
+    w = (torch.randn(64, 256, 1, 1, device="cuda", generator=g) / 16).bfloat16().contiguous(
+        memory_format=torch.channels_last)
+    rows = -(-256 * 56 * 56 // 128)
+    assert K.merge_groups(rows)[1] > 1
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [dispatch.select_kernel("conv2d_stats", x)(x, w, [1, 1], [0, 0], [1, 1], None, None, False)
+                for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(before)
+    out, mean, var = runs[0]
+    assert torch.equal(mean, runs[1][1]) and torch.equal(var, runs[1][2])
+    ref_var, ref_mean = torch.var_mean(out.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("c_out", [512, 2048])
+def test_layer4_statistics_at_a_per_gpu_batch_of_32(c_out):
+    """Item 7's case on the GPU: layer4 (7x7, M = 1,568) takes the M tile that fills the
+    SMs, with a workspace sized for it; output and statistics against float64."""
+    from resnet_fast.kernels import conv2d as K
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(32, 512, 7, 7, device="cuda", generator=g).bfloat16().contiguous(
+        memory_format=torch.channels_last)
+    w = (torch.randn(c_out, 512, 3, 3, device="cuda", generator=g) / 64).bfloat16().contiguous(
+        memory_format=torch.channels_last)
+    plan = K.launch_plan(32 * 7 * 7, c_out, x.device, stats=True, prologue=True, dtype=x.dtype, c_in=512)
+    expected = K.stats_block_m(32 * 7 * 7, c_out, sms,
+                               [b for b in K.STATS_BLOCK_MS if K.configs_for(plan["arch"], plan["variant"], b)])
+    assert plan["block_m"] == expected
+    scale, shift = torch.rand(512, device="cuda") + 0.5, torch.randn(512, device="cuda")
+    args = ([1, 1], [1, 1], [1, 1], scale, shift, True)
+    ours = dispatch.select_kernel("conv2d_stats", x)(x, w, *args)
+    same = reference.conv2d_stats(x, w, *args)
+    ref = reference.conv2d_stats(x.double(), w.double(), *args[:3], scale.double(), shift.double(), True)
+    for name, o, r, s in zip(("output", "mean", "var"), ours, ref, same):
+        assert_close_to_reference(o, r, s, name)

@@ -53,7 +53,7 @@ large against the standard deviation.
 
 Tiles (:func:`launch_plan`): on the GPU ``triton.autotune`` over the configs of
 :data:`CONFIGS` that do not spill registers on the device's architecture for the
-variant at hand (:func:`configs_for`, :data:`SPILLING_CONFIGS`), keyed by the whole
+variant at hand (:func:`configs_for`, :data:`SPILL_FREE_CONFIGS`), keyed by the whole
 convolution shape and every code-changing constexpr (:data:`AUTOTUNE_KEY`; Triton adds
 the dtypes), with tuning results cached on disk (``cache_results``). With the statistics
 epilogue the M tile is chosen per shape before launch (:func:`stats_block_m`: 128 rows,
@@ -107,16 +107,17 @@ def config_name(config: triton.Config) -> str:
 
 CONFIGS = [
     _config(128, 128, 64, 8, 3),
-    _config(128, 256, 64, 8, 3),
     _config(128, 128, 32, 8, 4),
     _config(128, 64, 64, 8, 3),
-    _config(128, 64, 64, 4, 4),
     _config(64, 128, 64, 4, 4),
     _config(64, 64, 64, 4, 4),
     _config(128, 64, 32, 4, 4),
     _config(64, 128, 32, 4, 4),
+    _config(64, 64, 32, 4, 4),
+    _config(64, 64, 32, 8, 3),
+    _config(64, 64, 16, 4, 4),
 ]
-"""Tile configurations (GPU); the autotuner tries those :func:`configs_for` keeps."""
+"""Tile configurations (GPU); the autotuner tries the spill-free ones (:func:`configs_for`)."""
 
 
 def config_by_name(name: str) -> triton.Config:
@@ -134,18 +135,101 @@ shape and every constexpr that changes the compiled code except the tile itself,
 kernels with the same GEMM shape but another epilogue, prologue or input precision are
 tuned apart."""
 
-SPILLING_CONFIGS: dict[tuple[str, str], frozenset[str]] = {
-    ("sm_90", "epilogue"): frozenset({"128x256x64-w8-s3"}),
-    ("sm_90", "stats"): frozenset({"128x256x64-w8-s3"}),
-    ("sm_90", "stats+prologue"): frozenset({"128x256x64-w8-s3"}),
-    ("sm_80", "epilogue"): frozenset(),
-    ("sm_80", "stats"): frozenset({"128x256x64-w8-s3", "128x64x32-w4-s4"}),
-    ("sm_80", "stats+prologue"): frozenset({"128x256x64-w8-s3", "128x64x64-w4-s4"}),
+SPILL_FREE_CONFIGS: dict[tuple[str, str, str, str], frozenset[str]] = {
+    ("sm_90", "epilogue", "16-bit", "taps"):
+        frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "128x64x32-w4-s4",
+                   "64x128x32-w4-s4", "64x64x32-w4-s4"}),
+    ("sm_90", "epilogue", "16-bit", "flat-k"):
+        frozenset({"128x128x32-w8-s4", "64x128x64-w4-s4", "64x64x64-w4-s4", "128x64x32-w4-s4", "64x128x32-w4-s4",
+                   "64x64x32-w4-s4"}),
+    ("sm_90", "epilogue", "tf32", "taps"):
+        frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x128x64-w4-s4", "64x64x64-w4-s4",
+                   "128x64x32-w4-s4", "64x128x32-w4-s4", "64x64x32-w4-s4"}),
+    ("sm_90", "epilogue", "tf32", "flat-k"):
+        frozenset({"128x128x32-w8-s4", "64x64x64-w4-s4", "64x64x32-w4-s4"}),
+    ("sm_90", "epilogue", "fp32-ieee", "taps"):
+        frozenset({"64x64x64-w4-s4", "64x64x32-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4"}),
+    ("sm_90", "epilogue", "fp32-ieee", "flat-k"):
+        frozenset({"64x64x64-w4-s4", "64x64x32-w4-s4", "64x64x32-w8-s3"}),
+    ("sm_90", "stats", "16-bit", "taps"):
+        frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x128x64-w4-s4", "64x64x64-w4-s4",
+                   "128x64x32-w4-s4", "64x128x32-w4-s4", "64x64x32-w4-s4"}),
+    ("sm_90", "stats", "16-bit", "flat-k"):
+        frozenset({"128x128x32-w8-s4", "128x64x64-w8-s3", "64x128x64-w4-s4", "64x64x64-w4-s4", "128x64x32-w4-s4",
+                   "64x128x32-w4-s4", "64x64x32-w4-s4"}),
+    ("sm_90", "stats", "tf32", "taps"):
+        frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x128x64-w4-s4", "64x64x64-w4-s4",
+                   "128x64x32-w4-s4", "64x128x32-w4-s4", "64x64x32-w4-s4"}),
+    ("sm_90", "stats", "tf32", "flat-k"):
+        frozenset({"128x128x32-w8-s4", "64x128x64-w4-s4", "64x64x64-w4-s4", "64x64x32-w4-s4"}),
+    ("sm_90", "stats", "fp32-ieee", "taps"):
+        frozenset({"64x64x64-w4-s4", "64x64x32-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4"}),
+    ("sm_90", "stats", "fp32-ieee", "flat-k"):
+        frozenset({"64x64x64-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4"}),
+    ("sm_90", "stats+prologue", "16-bit", "taps"):
+        frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "128x64x32-w4-s4",
+                   "64x128x32-w4-s4", "64x64x32-w4-s4"}),
+    ("sm_90", "stats+prologue", "16-bit", "flat-k"):
+        frozenset({"128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "128x64x32-w4-s4", "64x64x32-w4-s4"}),
+    ("sm_90", "stats+prologue", "tf32", "taps"):
+        frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x128x64-w4-s4", "64x64x64-w4-s4",
+                   "128x64x32-w4-s4", "64x128x32-w4-s4", "64x64x32-w4-s4"}),
+    ("sm_90", "stats+prologue", "tf32", "flat-k"):
+        frozenset({"128x128x32-w8-s4", "64x64x32-w4-s4"}),
+    ("sm_90", "stats+prologue", "fp32-ieee", "taps"):
+        frozenset({"64x64x64-w4-s4", "64x64x32-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4"}),
+    ("sm_90", "stats+prologue", "fp32-ieee", "flat-k"):
+        frozenset({"64x64x64-w4-s4", "64x64x32-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4"}),
+    ("sm_80", "epilogue", "16-bit", "taps"):
+        frozenset({"128x128x32-w8-s4", "128x64x64-w8-s3", "64x128x64-w4-s4", "64x64x64-w4-s4", "128x64x32-w4-s4",
+                   "64x128x32-w4-s4", "64x64x32-w4-s4"}),
+    ("sm_80", "epilogue", "16-bit", "flat-k"):
+        frozenset({"128x128x32-w8-s4", "128x64x64-w8-s3", "64x128x64-w4-s4", "64x64x64-w4-s4", "128x64x32-w4-s4",
+                   "64x128x32-w4-s4", "64x64x32-w4-s4"}),
+    ("sm_80", "epilogue", "tf32", "taps"):
+        frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x128x64-w4-s4", "64x64x64-w4-s4",
+                   "128x64x32-w4-s4", "64x128x32-w4-s4", "64x64x32-w4-s4"}),
+    ("sm_80", "epilogue", "tf32", "flat-k"):
+        frozenset({"128x64x64-w8-s3", "64x64x64-w4-s4", "64x64x32-w4-s4"}),
+    ("sm_80", "epilogue", "fp32-ieee", "taps"):
+        frozenset({"64x64x32-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4"}),
+    ("sm_80", "epilogue", "fp32-ieee", "flat-k"):
+        frozenset({"64x64x32-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4"}),
+    ("sm_80", "stats", "16-bit", "taps"):
+        frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x128x64-w4-s4", "64x64x64-w4-s4",
+                   "64x128x32-w4-s4", "64x64x32-w4-s4"}),
+    ("sm_80", "stats", "16-bit", "flat-k"):
+        frozenset({"128x128x32-w8-s4", "128x64x64-w8-s3", "64x128x64-w4-s4", "64x64x64-w4-s4", "128x64x32-w4-s4",
+                   "64x128x32-w4-s4", "64x64x32-w4-s4"}),
+    ("sm_80", "stats", "tf32", "taps"):
+        frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x128x64-w4-s4", "64x64x64-w4-s4",
+                   "128x64x32-w4-s4", "64x128x32-w4-s4", "64x64x32-w4-s4"}),
+    ("sm_80", "stats", "tf32", "flat-k"):
+        frozenset({"128x64x64-w8-s3", "64x64x64-w4-s4", "64x64x32-w4-s4"}),
+    ("sm_80", "stats", "fp32-ieee", "taps"):
+        frozenset({"64x64x32-w4-s4", "64x64x16-w4-s4"}),
+    ("sm_80", "stats", "fp32-ieee", "flat-k"):
+        frozenset({"64x64x32-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4"}),
+    ("sm_80", "stats+prologue", "16-bit", "taps"):
+        frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "128x64x32-w4-s4",
+                   "64x128x32-w4-s4", "64x64x32-w4-s4"}),
+    ("sm_80", "stats+prologue", "16-bit", "flat-k"):
+        frozenset({"128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "64x128x32-w4-s4", "64x64x32-w4-s4"}),
+    ("sm_80", "stats+prologue", "tf32", "taps"):
+        frozenset({"128x128x32-w8-s4", "64x128x32-w4-s4", "64x64x32-w4-s4"}),
+    ("sm_80", "stats+prologue", "tf32", "flat-k"):
+        frozenset({"64x64x64-w4-s4", "64x64x32-w4-s4"}),
+    ("sm_80", "stats+prologue", "fp32-ieee", "taps"):
+        frozenset({"64x64x16-w4-s4"}),
+    ("sm_80", "stats+prologue", "fp32-ieee", "flat-k"):
+        frozenset({"64x64x32-w8-s3", "64x64x16-w4-s4"}),
 }
-"""(architecture, variant) -> names of the configs that spill registers there (``ptxas -v``
-on the kernel compiled as the runtime specialises it, for ResNet-50's layer kinds and
-float16/bfloat16/TF32; ``tests/test_triton_conv2d_compile.py`` keeps this honest). They
-are never timed or chosen."""
+"""(architecture, epilogue, input, K tiling) -> the names of the configs autotuning may try
+there: those that compile without register spills (``ptxas -v`` on the kernel built as the
+runtime specialises it, for ResNet-50's layer kinds; tests/test_triton_conv2d_compile.py
+checks it, and ``python tests/conv2d_compile.py --table`` measures it anew). A config
+that spills is never timed or chosen. Architectures other than sm_80 and sm_90 use the
+nearest measured one (:func:`architecture`)."""
 
 STATS_BLOCK_MS = (128, 64)
 """M tiles of the statistics epilogue, largest first (:func:`stats_block_m` picks one per
@@ -392,21 +476,31 @@ def architecture(capability: tuple[int, int]) -> str:
     return "sm_90" if capability[0] >= 9 else "sm_80"
 
 
-def variant(stats: bool, prologue: bool) -> str:
-    """``"stats+prologue"``, ``"stats"`` or ``"epilogue"`` (bias, residual, ReLU)."""
-    return ("stats+prologue" if prologue else "stats") if stats else "epilogue"
+Variant = tuple[str, str, str]
+"""(epilogue, input, K tiling) of a compiled kernel: ``"epilogue"`` (bias, residual, ReLU),
+``"stats"`` or ``"stats+prologue"``; ``"16-bit"`` (float16/bfloat16), ``"tf32"`` or
+``"fp32-ieee"``; ``"taps"`` or ``"flat-k"``. Register use, and so spilling, follows all three."""
 
 
-def configs_for(arch: str, kind: str, block_m: Optional[int] = None) -> list[triton.Config]:
-    """The configs of :data:`CONFIGS` that do not spill on ``arch`` for variant ``kind``
-    (:data:`SPILLING_CONFIGS`), with M tile ``block_m`` when given: all autotuning may try."""
-    spilling = SPILLING_CONFIGS.get((arch, kind), frozenset())
-    return [c for c in CONFIGS if config_name(c) not in spilling
-            and (block_m is None or c.kwargs["BLOCK_M"] == block_m)]
+def variant(stats: bool, prologue: bool, dtype: torch.dtype, c_in: int) -> Variant:
+    """The :data:`Variant` of a launch."""
+    kind = ("stats+prologue" if prologue else "stats") if stats else "epilogue"
+    if dtype == torch.float32:
+        precision = "tf32" if _input_precision(dtype) == "tf32" else "fp32-ieee"
+    else:
+        precision = "16-bit"
+    return kind, precision, "flat-k" if c_in < FLAT_K_BELOW_CHANNELS else "taps"
+
+
+def configs_for(arch: str, kind: Variant, block_m: Optional[int] = None) -> list[triton.Config]:
+    """The spill-free configs (:data:`SPILL_FREE_CONFIGS`) for variant ``kind`` on ``arch``,
+    with M tile ``block_m`` when given, in :data:`CONFIGS`' order: all autotuning may try."""
+    allowed = SPILL_FREE_CONFIGS[(arch, *kind)]
+    return [c for c in CONFIGS if config_name(c) in allowed and (block_m is None or c.kwargs["BLOCK_M"] == block_m)]
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuner(arch: str, kind: str, block_m: Optional[int]):
+def _autotuner(arch: str, kind: Variant, block_m: Optional[int]):
     """The autotuned kernel over :func:`configs_for`; tuning results cached on disk
     (Triton's ``cache_results``), so a later process does not time the configs again."""
     return triton.autotune(configs=configs_for(arch, kind, block_m), key=AUTOTUNE_KEY,
@@ -426,16 +520,16 @@ def _device(device: torch.device) -> tuple[tuple[int, int], int]:
     return (9, 0), (INTERPRETER_SM_COUNT if INTERPRETED else DEFAULT_SM_COUNT)
 
 
-def stats_block_m(m: int, c_out: int, sm_count: int) -> int:
+def stats_block_m(m: int, c_out: int, sm_count: int, choices: Sequence[int] = STATS_BLOCK_MS) -> int:
     """The statistics epilogue's M tile for M output pixels and C_out channels: the largest
-    of :data:`STATS_BLOCK_MS` (interpreted: the interpreter's M tile and its half) that
-    still gives every SM a program (N tiles of :data:`STATS_PROGRAMS_BLOCK_N`), else the
-    smallest. Small per-GPU batches (layer4 at batch 32) get the smaller tile."""
+    of ``choices`` (interpreted: the interpreter's M tile and its half) that still gives
+    every SM a program (N tiles of :data:`STATS_PROGRAMS_BLOCK_N`), else the smallest.
+    Small per-GPU batches (layer4 at batch 32) get the smaller tile."""
     if INTERPRETED:
         choices = (INTERPRETER_BLOCKS["BLOCK_M"], INTERPRETER_BLOCKS["BLOCK_M"] // 2)
         block_n = INTERPRETER_BLOCKS["BLOCK_N"]
     else:
-        choices, block_n = STATS_BLOCK_MS, STATS_PROGRAMS_BLOCK_N
+        block_n = STATS_PROGRAMS_BLOCK_N
     for block_m in choices:
         if _cdiv(m, block_m) * _cdiv(c_out, block_n) >= sm_count:
             return block_m
@@ -458,20 +552,26 @@ def fixed_config(m: int, c_out: int, configs: Sequence[triton.Config], sm_count:
     return max(fitting, key=programs)
 
 
-def launch_plan(m: int, c_out: int, device: torch.device, stats: bool, prologue: bool) -> dict:
+def launch_plan(m: int, c_out: int, device: torch.device, stats: bool, prologue: bool, dtype: torch.dtype,
+                c_in: int) -> dict:
     """How the convolution launches for this shape: ``{"block_m": statistics M tile or None,
     "autotune": bool, "config": fixed config or None, "arch": ..., "variant": ...}``.
     Autotuned unless :func:`autotune_enabled` is off or
     ``torch.are_deterministic_algorithms_enabled()`` (the statistics' reduction order
     follows the config's warps, so determinism needs one config per shape)."""
     capability, sm_count = _device(device)
-    arch, kind = architecture(capability), variant(stats, prologue)
-    block_m = stats_block_m(m, c_out, sm_count) if stats else None
-    autotune = not INTERPRETED and autotune_enabled() and not torch.are_deterministic_algorithms_enabled()
-    config = None
-    if not INTERPRETED and not autotune:
-        config = fixed_config(m, c_out, configs_for(arch, kind, block_m), sm_count)
-    return {"block_m": block_m, "autotune": autotune, "config": config, "arch": arch, "variant": kind}
+    arch, kind = architecture(capability), variant(stats, prologue, dtype, c_in)
+    plan = {"block_m": None, "autotune": False, "config": None, "arch": arch, "variant": kind}
+    if INTERPRETED:  # the interpreter's tiles (INTERPRETER_BLOCKS)
+        plan["block_m"] = stats_block_m(m, c_out, sm_count) if stats else None
+        return plan
+    if stats:  # an M tile with spill-free configs for this variant
+        plan["block_m"] = stats_block_m(m, c_out, sm_count,
+                                        [b for b in STATS_BLOCK_MS if configs_for(arch, kind, b)])
+    plan["autotune"] = autotune_enabled() and not torch.are_deterministic_algorithms_enabled()
+    if not plan["autotune"]:
+        plan["config"] = fixed_config(m, c_out, configs_for(arch, kind, plan["block_m"]), sm_count)
+    return plan
 
 
 def _launches(t: Tensor) -> bool:
@@ -593,7 +693,7 @@ def triton_conv2d_bias_act(
         if bias is not None:
             bias = bias.contiguous()  # the kernel reads per-channel vectors with stride 1
         plan = launch_plan(out.shape[0] * out.shape[2] * out.shape[3], out.shape[1], x.device, stats=False,
-                           prologue=False)
+                           prologue=False, dtype=x.dtype, c_in=x.shape[1])
         _launch(x, weight, bias, residual, out, None, None, None, plan, stride, padding, dilation, relu, False)
     return out
 
@@ -617,7 +717,8 @@ def triton_conv2d_stats(
     n, c_out, p, q = out.shape
     mean = _empty(c_out, dtype=torch.float32, device=x.device)
     var = _empty(c_out, dtype=torch.float32, device=x.device)
-    plan = launch_plan(n * p * q, c_out, x.device, stats=True, prologue=prologue_scale is not None)
+    plan = launch_plan(n * p * q, c_out, x.device, stats=True, prologue=prologue_scale is not None, dtype=x.dtype,
+                       c_in=x.shape[1])
     ws = _empty((3, _cdiv(n * p * q, plan["block_m"]), c_out), dtype=torch.float32, device=x.device)
     if out.numel() == 0 or not _launches(x):
         return out, mean, var
