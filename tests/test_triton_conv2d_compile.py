@@ -13,7 +13,7 @@ What runs where (about 1.5 s of CPU per compile):
 * CI (:func:`test_every_config_autotuning_may_pick_builds_without_spills`): float16/
   bfloat16 3x3 convolutions, the training kernel (statistics epilogue, BatchNorm+ReLU
   prologue) and the inference kernel (bias, residual, ReLU), on sm_90 and sm_80 — every
-  config either may pick (32 compiles, about 50 s of CPU).
+  config either may pick (28 compiles, about 45 s of CPU on an idle core).
 * The full set (:func:`test_full_set_matches_the_spill_table`): every ResNet-50 layer kind
   (3x3 and 1x1, strides 1 and 2, the 7x7 stem with its flat K tiling) x every variant x
   bfloat16, float16, TF32 and IEEE float32 x sm_90 and sm_80 x every config autotuning
