@@ -143,8 +143,8 @@ SPILL_FREE_CONFIGS: dict[tuple[str, str, str, str], frozenset[str]] = {
         frozenset({"128x128x32-w8-s4", "64x128x64-w4-s4", "64x64x64-w4-s4", "128x64x32-w4-s4", "64x128x32-w4-s4",
                    "64x64x32-w4-s4"}),
     ("sm_90", "epilogue", "tf32", "taps"):
-        frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x128x64-w4-s4", "64x64x64-w4-s4",
-                   "128x64x32-w4-s4", "64x128x32-w4-s4", "64x64x32-w4-s4"}),
+        frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "128x64x32-w4-s4",
+                   "64x128x32-w4-s4", "64x64x32-w4-s4"}),
     ("sm_90", "epilogue", "tf32", "flat-k"):
         frozenset({"128x128x32-w8-s4", "64x64x64-w4-s4", "64x64x32-w4-s4"}),
     ("sm_90", "epilogue", "fp32-ieee", "taps"):
@@ -152,14 +152,14 @@ SPILL_FREE_CONFIGS: dict[tuple[str, str, str, str], frozenset[str]] = {
     ("sm_90", "epilogue", "fp32-ieee", "flat-k"):
         frozenset({"64x64x64-w4-s4", "64x64x32-w4-s4", "64x64x32-w8-s3"}),
     ("sm_90", "stats", "16-bit", "taps"):
-        frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x128x64-w4-s4", "64x64x64-w4-s4",
-                   "128x64x32-w4-s4", "64x128x32-w4-s4", "64x64x32-w4-s4"}),
+        frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "128x64x32-w4-s4",
+                   "64x128x32-w4-s4", "64x64x32-w4-s4"}),
     ("sm_90", "stats", "16-bit", "flat-k"):
         frozenset({"128x128x32-w8-s4", "128x64x64-w8-s3", "64x128x64-w4-s4", "64x64x64-w4-s4", "128x64x32-w4-s4",
                    "64x128x32-w4-s4", "64x64x32-w4-s4"}),
     ("sm_90", "stats", "tf32", "taps"):
-        frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x128x64-w4-s4", "64x64x64-w4-s4",
-                   "128x64x32-w4-s4", "64x128x32-w4-s4", "64x64x32-w4-s4"}),
+        frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "128x64x32-w4-s4",
+                   "64x128x32-w4-s4", "64x64x32-w4-s4"}),
     ("sm_90", "stats", "tf32", "flat-k"):
         frozenset({"128x128x32-w8-s4", "64x128x64-w4-s4", "64x64x64-w4-s4", "64x64x32-w4-s4"}),
     ("sm_90", "stats", "fp32-ieee", "taps"):
@@ -172,8 +172,8 @@ SPILL_FREE_CONFIGS: dict[tuple[str, str, str, str], frozenset[str]] = {
     ("sm_90", "stats+prologue", "16-bit", "flat-k"):
         frozenset({"128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "128x64x32-w4-s4", "64x64x32-w4-s4"}),
     ("sm_90", "stats+prologue", "tf32", "taps"):
-        frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x128x64-w4-s4", "64x64x64-w4-s4",
-                   "128x64x32-w4-s4", "64x128x32-w4-s4", "64x64x32-w4-s4"}),
+        frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "128x64x32-w4-s4",
+                   "64x128x32-w4-s4", "64x64x32-w4-s4"}),
     ("sm_90", "stats+prologue", "tf32", "flat-k"):
         frozenset({"128x128x32-w8-s4", "64x64x32-w4-s4"}),
     ("sm_90", "stats+prologue", "fp32-ieee", "taps"):
@@ -181,14 +181,13 @@ SPILL_FREE_CONFIGS: dict[tuple[str, str, str, str], frozenset[str]] = {
     ("sm_90", "stats+prologue", "fp32-ieee", "flat-k"):
         frozenset({"64x64x64-w4-s4", "64x64x32-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4"}),
     ("sm_80", "epilogue", "16-bit", "taps"):
-        frozenset({"128x128x32-w8-s4", "128x64x64-w8-s3", "64x128x64-w4-s4", "64x64x64-w4-s4", "128x64x32-w4-s4",
-                   "64x128x32-w4-s4", "64x64x32-w4-s4"}),
+        frozenset({"128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "128x64x32-w4-s4", "64x128x32-w4-s4",
+                   "64x64x32-w4-s4"}),
     ("sm_80", "epilogue", "16-bit", "flat-k"):
         frozenset({"128x128x32-w8-s4", "128x64x64-w8-s3", "64x128x64-w4-s4", "64x64x64-w4-s4", "128x64x32-w4-s4",
                    "64x128x32-w4-s4", "64x64x32-w4-s4"}),
     ("sm_80", "epilogue", "tf32", "taps"):
-        frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x128x64-w4-s4", "64x64x64-w4-s4",
-                   "128x64x32-w4-s4", "64x128x32-w4-s4", "64x64x32-w4-s4"}),
+        frozenset({"128x128x32-w8-s4", "128x64x64-w8-s3", "128x64x32-w4-s4", "64x128x32-w4-s4", "64x64x32-w4-s4"}),
     ("sm_80", "epilogue", "tf32", "flat-k"):
         frozenset({"128x64x64-w8-s3", "64x64x64-w4-s4", "64x64x32-w4-s4"}),
     ("sm_80", "epilogue", "fp32-ieee", "taps"):
@@ -196,14 +195,12 @@ SPILL_FREE_CONFIGS: dict[tuple[str, str, str, str], frozenset[str]] = {
     ("sm_80", "epilogue", "fp32-ieee", "flat-k"):
         frozenset({"64x64x32-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4"}),
     ("sm_80", "stats", "16-bit", "taps"):
-        frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x128x64-w4-s4", "64x64x64-w4-s4",
-                   "64x128x32-w4-s4", "64x64x32-w4-s4"}),
+        frozenset({"128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "64x128x32-w4-s4", "64x64x32-w4-s4"}),
     ("sm_80", "stats", "16-bit", "flat-k"):
         frozenset({"128x128x32-w8-s4", "128x64x64-w8-s3", "64x128x64-w4-s4", "64x64x64-w4-s4", "128x64x32-w4-s4",
                    "64x128x32-w4-s4", "64x64x32-w4-s4"}),
     ("sm_80", "stats", "tf32", "taps"):
-        frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x128x64-w4-s4", "64x64x64-w4-s4",
-                   "128x64x32-w4-s4", "64x128x32-w4-s4", "64x64x32-w4-s4"}),
+        frozenset({"128x128x32-w8-s4", "128x64x64-w8-s3", "128x64x32-w4-s4", "64x128x32-w4-s4", "64x64x32-w4-s4"}),
     ("sm_80", "stats", "tf32", "flat-k"):
         frozenset({"128x64x64-w8-s3", "64x64x64-w4-s4", "64x64x32-w4-s4"}),
     ("sm_80", "stats", "fp32-ieee", "taps"):
@@ -216,7 +213,7 @@ SPILL_FREE_CONFIGS: dict[tuple[str, str, str, str], frozenset[str]] = {
     ("sm_80", "stats+prologue", "16-bit", "flat-k"):
         frozenset({"128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "64x128x32-w4-s4", "64x64x32-w4-s4"}),
     ("sm_80", "stats+prologue", "tf32", "taps"):
-        frozenset({"128x128x32-w8-s4", "64x128x32-w4-s4", "64x64x32-w4-s4"}),
+        frozenset({"128x128x32-w8-s4", "64x64x32-w4-s4"}),
     ("sm_80", "stats+prologue", "tf32", "flat-k"):
         frozenset({"64x64x64-w4-s4", "64x64x32-w4-s4"}),
     ("sm_80", "stats+prologue", "fp32-ieee", "taps"):
