@@ -1,15 +1,7 @@
 """Shared test helpers: float64 references and the dtype-aware tolerance rule.
 
-Tolerance (as flash-attention's tests): a result in a low-precision dtype passes when
-    err(ours) <= 2 * err(torch_same_dtype) + floor[dtype],   err(t) = ||t - ref|| / ||ref||
-where ref is computed in float64 from the same (upcast) inputs and torch_same_dtype is
-stock PyTorch in the tested dtype (norm-wise, as the project's GPU method notes ask).
-float64 results use a fixed tight max-abs tolerance.
-
-ReLU: an element whose pre-activation lies within rounding error of zero may land on
-either side in a low-precision dtype, and its gradient then differs by a whole
-``dy``. :func:`relu_with_mask_of` builds the float64 reference with the tested
-output's mask after asserting that the masks differ only at such elements.
+The rule itself (and the ReLU-mask handling) lives in :mod:`resnet_fast.testing`, which
+``python -m resnet_fast.check`` uses too: the tests and the self-check share one rule.
 """
 
 from __future__ import annotations
@@ -23,64 +15,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from resnet_fast.testing import (  # noqa: F401  re-exported for the tests
+    FLOAT64_ATOL,
+    KINK_TOLERANCE,
+    RELATIVE_FLOOR,
+    assert_close_to_reference,
+    random_input,
+    relu_with_mask_of,
+)
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-FLOAT64_ATOL = 1e-10
-RELATIVE_FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 # The CPU everywhere; CUDA as a marked test that skips here and runs in scripts/gpu_check.sh.
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, requires_gpu])]
-
-
-def assert_close_to_reference(ours: torch.Tensor, ref: torch.Tensor, same_dtype: torch.Tensor,
-                              name: str = "output") -> None:
-    """Check ``ours`` against the float64 ``ref`` using the rule in this module's docstring."""
-    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
-    ref = ref.double()
-    if ours.dtype == torch.float64:
-        error = (ours - ref).abs().max().item()
-        bound = FLOAT64_ATOL * max(1.0, ref.abs().max().item())
-        assert error <= bound, f"{name}: max error {error:.3g} exceeds {bound:.3g} (float64)"
-        return
-    scale = max(ref.norm().item(), 1e-30)
-    error = (ours.double() - ref).norm().item() / scale
-    torch_error = (same_dtype.double() - ref).norm().item() / scale
-    bound = 2 * torch_error + RELATIVE_FLOOR[ours.dtype]
-    assert error <= bound, (
-        f"{name}: relative error {error:.3g} exceeds {bound:.3g} "
-        f"(torch in {ours.dtype}: {torch_error:.3g})"
-    )
-
-
-KINK_TOLERANCE = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-
-
-def relu_with_mask_of(pre: torch.Tensor, tested_out: torch.Tensor) -> torch.Tensor:
-    """float64 ``relu(pre)`` using the mask ``tested_out > 0``.
-
-    Fails when the masks differ anywhere the float64 pre-activation is farther from zero
-    than the tested dtype's rounding (relative to the largest pre-activation).
-    """
-    if tested_out.dtype == torch.float64:
-        return torch.relu(pre)
-    mask = tested_out.detach() > 0
-    differ = mask != (pre.detach() > 0)
-    if differ.any():
-        limit = KINK_TOLERANCE[tested_out.dtype] * max(1.0, pre.detach().abs().max().item())
-        worst = pre.detach()[differ].abs().max().item()
-        assert worst <= limit, f"ReLU mask differs at a pre-activation of {worst:.3g} (limit {limit:.3g})"
-    return pre * mask
-
-
-def random_input(shape, dtype, channels_last: bool, *, scale: float = 1.0, shift: float = 0.0,
-                 device: str = "cpu", generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random normal data (never zeros) in the requested dtype and memory format."""
-    x = torch.randn(shape, dtype=torch.float64, generator=generator) * scale + shift
-    x = x.to(device=device, dtype=dtype)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
 
 
 def stock_conv_bn_act(conv, bn, relu: bool, mask_of: torch.Tensor | None = None):
@@ -111,10 +59,9 @@ def poisoned_empty(*args, **kwargs) -> torch.Tensor:
 TRITON_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-_in_interpreter_process = pytest.mark.skipif(
-    not TRITON_INTERPRETER, reason="runs in a fresh TRITON_INTERPRET=1 process (test_interpreter_run)")
-# Triton kernel tests: ``cpu`` only inside the interpreter process, ``cuda`` on a GPU.
-TRITON_DEVICES = [pytest.param("cpu", marks=_in_interpreter_process),
+# Triton kernel tests: ``cpu`` only inside the interpreter process (elsewhere deselected, see
+# pytest_collection_modifyitems: test_interpreter_run runs them), ``cuda`` on a GPU.
+TRITON_DEVICES = [pytest.param("cpu", marks=pytest.mark.triton_interpreter),
                   pytest.param("cuda", marks=[pytest.mark.gpu, requires_gpu])]
 
 
@@ -143,3 +90,77 @@ def import_kernel_module(name: str):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; run by scripts/gpu_check.sh")
+    config.addinivalue_line("markers", "triton_interpreter: a Triton kernel case on the CPU; runs only in the "
+                                       "TRITON_INTERPRET=1 process that its file's test_interpreter_run starts")
+    # Tests select the triton/cuda backend on machines that cannot run it to test what does
+    # not launch kernels; set_backend's warning is for users (test_backend_errors checks it).
+    config.addinivalue_line("filterwarnings", "ignore::resnet_fast.ops.dispatch.BackendUnavailableWarning")
+
+
+@pytest.fixture(autouse=True)
+def isolated_validation_records(tmp_path_factory, monkeypatch):
+    """Every test sees an empty user cache of validation records (never the machine's own)
+    and a fresh record lookup; the once-per-process warning may fire again."""
+    from resnet_fast import validation
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+    validation.clear_cache()
+    validation._warned_unvalidated.clear()
+    yield
+    validation.clear_cache()
+
+
+# ----------------------------------------------------------------------------- the summary
+# One line per kind of skip instead of one per test, and each Triton CPU case listed once:
+# outside the interpreter process it is deselected (its file's test_interpreter_run runs
+# and checks it), not reported as a skip beside the same case's CUDA skip.
+
+INTERPRETER_CASES_KEY = pytest.StashKey[int]()
+GPU_SKIP_HINT = "run scripts/gpu_check.sh on a GPU"
+
+
+def pytest_collection_modifyitems(config, items):
+    if TRITON_INTERPRETER:
+        return
+    keep, interpreted = [], []
+    for item in items:
+        (interpreted if item.get_closest_marker("triton_interpreter") else keep).append(item)
+    if interpreted:
+        config.hook.pytest_deselected(items=interpreted)
+        items[:] = keep
+    config.stash[INTERPRETER_CASES_KEY] = len(interpreted)
+
+
+def skip_reason(report) -> str:
+    """The reason of a skipped test's report, without pytest's ``Skipped: `` prefix."""
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+def grouped_skip_lines(reports) -> list[str]:
+    """``count kind skipped: reason`` per distinct reason, most frequent first; GPU-marked
+    tests are counted as GPU tests and told where they run."""
+    groups: dict[tuple[bool, str], int] = {}
+    for report in reports:
+        key = ("gpu" in getattr(report, "keywords", {}), skip_reason(report))
+        groups[key] = groups.get(key, 0) + 1
+    lines = []
+    for (gpu, reason), count in sorted(groups.items(), key=lambda entry: -entry[1]):
+        kind = "GPU test" if gpu else "test"
+        hint = f"; {GPU_SKIP_HINT}" if gpu and GPU_SKIP_HINT not in reason else ""
+        lines.append(f"{count:,} {kind}{'s' if count != 1 else ''} skipped: {reason}{hint}")
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    lines = grouped_skip_lines(terminalreporter.stats.get("skipped", []))
+    interpreted = config.stash.get(INTERPRETER_CASES_KEY, 0)
+    if interpreted:
+        lines.append(f"{interpreted:,} Triton CPU case{'s' if interpreted != 1 else ''} deselected here: each file's "
+                     "test_interpreter_run runs them in a fresh TRITON_INTERPRET=1 process (on a GPU the kernels "
+                     "run on it instead)")
+    if lines:
+        terminalreporter.section("skips, grouped by reason")
+        for line in lines:
+            terminalreporter.line(line)

@@ -10,9 +10,10 @@ Every operator has up to three implementations ("backends"):
 Each backend answers :meth:`Backend.not_supported_reasons` for a given operator and
 input; ``auto`` picks the first backend (in the order ``cuda``, ``triton``, ``torch``)
 that has no reason to refuse, and an explicitly chosen backend that cannot take a call
-raises :class:`BackendUnavailableError` listing its reasons. A backend whose kernels
-have not yet passed the GPU test suite carries an ``auto_gate`` reason: ``auto`` skips it
-(correctness first) and an explicit choice still selects it. Triton's CPU interpreter
+raises :class:`BackendUnavailableError` listing its reasons. ``auto`` takes a GPU backend
+on a device only where a validation record proves its kernels there
+(:func:`resnet_fast.validation.auto_reason`, from ``python -m resnet_fast.check``); an
+explicit choice still selects it. Triton's CPU interpreter
 (``TRITON_INTERPRET=1``) is a testing tool: only an explicit ``triton`` choice sends CPU
 tensors to it, never ``auto``.
 
@@ -27,7 +28,9 @@ since the result is correct, and warns once per operator and device with the rea
 them the current GPU misses.
 
 The choice is process-wide: :func:`set_backend`, or the environment variable
-``RESNET_FAST_BACKEND`` read at import time.
+``RESNET_FAST_BACKEND`` read at import time. Choosing a backend this machine cannot run
+at all warns right away (:class:`BackendUnavailableWarning`); an unknown value of the
+variable warns, naming it, and leaves ``auto``.
 """
 
 from __future__ import annotations
@@ -41,12 +44,18 @@ from typing import Callable
 
 import torch
 
+from resnet_fast import validation
+
 BACKEND_NAMES = ("cuda", "triton", "torch")
 _CHOICES = ("auto", *BACKEND_NAMES)
 
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run an operator on the given input."""
+
+
+class BackendUnavailableWarning(UserWarning):
+    """:func:`set_backend` (or ``RESNET_FAST_BACKEND``) chose a backend this machine cannot run."""
 
 
 class CapabilityWarning(UserWarning):
@@ -112,7 +121,6 @@ class Backend:
     device_check: Callable[[torch.Tensor], list[str]]
     kernels: dict[str, Callable] = field(default_factory=dict)
     input_check: Callable[[torch.Tensor], list[str]] | None = None
-    auto_gate: str | None = None
     requirements: dict[str, CapabilityRequirement] = field(default_factory=dict)
     implementations: dict[str, Callable[[tuple[int, int] | None], str]] = field(default_factory=dict)
 
@@ -129,9 +137,10 @@ class Backend:
         """Why this backend cannot run ``op`` on ``example`` (empty list: it can).
 
         ``explicit=False`` (the ``auto`` choice) also refuses CPU tensors in a GPU backend
-        that could only run them through an interpreter, a backend behind an ``auto_gate``,
-        and a kernel on a GPU below its declared capability (an explicit choice runs that
-        one, see :func:`select_kernel`).
+        that could only run them through an interpreter, a GPU backend without a validation
+        record for the device (:func:`resnet_fast.validation.auto_reason`), and a kernel on a
+        GPU below its declared capability (an explicit choice runs that one, see
+        :func:`select_kernel`).
         """
         reasons = list(self.availability())
         if op not in self.kernels:
@@ -145,8 +154,10 @@ class Backend:
             capability = self.capability_reason(op, example)
             if not explicit and capability is not None:
                 reasons.append(capability)
-        if not explicit and self.auto_gate is not None:
-            reasons.append(self.auto_gate)
+        if not explicit and not reasons and self.name != "torch" and example is not None and example.is_cuda:
+            unvalidated = validation.auto_reason(self.name, example.device)
+            if unvalidated is not None:
+                reasons.append(unvalidated)
         return reasons
 
 
@@ -173,17 +184,9 @@ def _triton_device_check(x: torch.Tensor) -> list[str]:
     return [f"input is on {x.device.type}; Triton needs a CUDA device (or TRITON_INTERPRET=1)"]
 
 
-# Lifted for a backend once scripts/gpu_check.sh has passed on a GPU with its kernels.
-_NOT_YET_VALIDATED = (
-    "auto skips the {} backend until its kernels have passed the GPU tests "
-    "(scripts/gpu_check.sh); select it explicitly with set_backend('{}')"
-)
-
 BACKENDS: dict[str, Backend] = {
-    "cuda": Backend("cuda", _cuda_extension_reasons, _needs_cuda_tensor,
-                    auto_gate=_NOT_YET_VALIDATED.format("cuda", "cuda")),
-    "triton": Backend("triton", _triton_reasons, _triton_device_check,
-                      auto_gate=_NOT_YET_VALIDATED.format("triton", "triton")),
+    "cuda": Backend("cuda", _cuda_extension_reasons, _needs_cuda_tensor),
+    "triton": Backend("triton", _triton_reasons, _triton_device_check),
     "torch": Backend("torch", lambda: [], lambda x: []),
 }
 
@@ -196,6 +199,37 @@ def _validate_choice(name: str) -> str:
     return name
 
 
+def machine_reasons(name: str, device: torch.device | str | None = None) -> list[str]:
+    """Why backend ``name`` cannot run anything on this machine (or on ``device``, when
+    given); empty when it can. ``triton`` runs CPU tensors only under ``TRITON_INTERPRET=1``
+    (Triton's interpreter, a testing tool)."""
+    return list(BACKENDS[name].availability()) + _device_reasons(name, device)
+
+
+def _device_reasons(name: str, device: torch.device | str | None) -> list[str]:
+    """The part of :func:`machine_reasons` about devices (no extension import: safe while
+    ``resnet_fast`` is still being imported)."""
+    reasons: list[str] = []
+    if name == "torch":
+        return reasons
+    device_type = None if device is None else torch.device(device).type
+    interpreted = name == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    if device_type == "cpu" and not interpreted:
+        reasons.append("it needs a CUDA device" + (" (or TRITON_INTERPRET=1)" if name == "triton" else "")
+                       + " and the device is cpu")
+    elif device_type != "cpu" and not interpreted and not torch.cuda.is_available():
+        reasons.append("no CUDA device is visible to torch")
+    return reasons
+
+
+def _warn_if_unavailable(name: str, source: str, reasons_of: Callable[[str], list[str]] | None = None) -> None:
+    reasons = (reasons_of or machine_reasons)(name) if name in BACKENDS else []
+    if reasons:
+        warnings.warn(f"{source} chose the resnet_fast backend '{name}', which cannot run on this machine: "
+                      + "; ".join(reasons) + ". Calls will raise BackendUnavailableError; "
+                      "set_backend('auto') runs what this machine can", BackendUnavailableWarning, stacklevel=3)
+
+
 def set_backend(name: str) -> None:
     """Choose the backend for every ``resnet_fast`` operator in this process.
 
@@ -203,8 +237,20 @@ def set_backend(name: str) -> None:
         name: ``"auto"`` (the fastest backend that can take each call), ``"cuda"``,
             ``"triton"`` or ``"torch"``. An explicit backend that cannot take a call
             raises :class:`BackendUnavailableError` at that call, with the reasons.
+
+    Raises:
+        ValueError: ``name`` is not one of the choices.
+
+    Warns:
+        BackendUnavailableWarning: right away when the backend cannot run on this machine
+            at all (no CUDA device, extension not built, Triton missing;
+            :func:`machine_reasons`). A warning, not an error: the choice is a process-wide
+            preference that tests and tools set before the tensors exist (``triton`` with
+            ``TRITON_INTERPRET=1`` runs CPU tensors and does not warn); the first operator
+            call then raises :class:`BackendUnavailableError` with the full reasons.
     """
     _state["choice"] = _validate_choice(name)
+    _warn_if_unavailable(name, f"set_backend({name!r})")
 
 
 def get_backend() -> str:
@@ -272,12 +318,31 @@ def select_kernel(op: str, example: torch.Tensor) -> Callable:
     raise BackendUnavailableError(f"no resnet_fast backend implements {op}")  # torch always does
 
 
+def chosen_backend(op: str, example: torch.Tensor) -> str | None:
+    """The name of the backend the current choice runs ``op`` on ``example`` with (None:
+    the choice refuses it). What tools report as "ran", e.g. ``torch`` for ``auto`` on a CPU."""
+    try:
+        kernel = select_kernel(op, example)
+    except BackendUnavailableError:
+        return None
+    return next((name for name, backend in BACKENDS.items() if backend.kernels.get(op) is kernel), None)
+
+
+def _validation_info(name: str) -> dict[str, dict]:
+    """Per visible CUDA device, the record enabling backend ``name`` there or why none does."""
+    if name == "torch" or not torch.cuda.is_available():
+        return {}
+    return {f"cuda:{i}": validation.describe(name, torch.device("cuda", i)) for i in range(torch.cuda.device_count())}
+
+
 def backend_info() -> dict[str, dict]:
     """What each backend can do on this machine, and why not.
 
     Returns a dict keyed by backend name, each with ``available`` (the backend can run
     here at all), ``reasons`` (why not), ``operators`` (the operators it implements),
-    ``auto`` (whether ``auto`` may choose it, and if not ``auto_gate`` says why),
+    ``auto`` (whether ``auto`` may choose it on the current GPU), ``validation`` (per CUDA
+    device: ``record``, the validation record that enables it there, or ``reason``, why none
+    does; see :mod:`resnet_fast.validation`),
     ``requirements`` (operator -> "needs compute capability X.Y or newer: why") and
     ``capability_reasons`` (operator -> why ``auto`` skips it on the current GPU, for the
     operators whose requirement that GPU misses), ``implementations`` (operator -> what runs
@@ -290,16 +355,13 @@ def backend_info() -> dict[str, dict]:
     info: dict[str, dict] = {}
     for name in BACKEND_NAMES:
         backend = BACKENDS[name]
-        reasons = list(backend.availability())
-        interpreted = name == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
-        if name != "torch" and not torch.cuda.is_available() and not interpreted:
-            reasons.append("no CUDA device is visible to torch")
+        reasons = machine_reasons(name)
         info[name] = {
             "available": not reasons,
             "reasons": reasons,
             "operators": sorted(backend.kernels),
-            "auto": backend.auto_gate is None,
-            "auto_gate": backend.auto_gate,
+            "auto": name == "torch" or (gpu and validation.enabling_record(name, device) is not None),
+            "validation": _validation_info(name),
             "requirements": {
                 op: "needs compute capability %d.%d or newer: %s" % (*req.min_capability, req.why)
                 for op, req in sorted(backend.requirements.items())
@@ -318,4 +380,16 @@ def backend_info() -> dict[str, dict]:
     return info
 
 
-_state["choice"] = _validate_choice(os.environ.get("RESNET_FAST_BACKEND", "auto"))
+def _choice_from_environment() -> str:
+    """``RESNET_FAST_BACKEND``'s choice; an unknown value warns, naming the variable, and
+    gives ``auto`` (a typo must not break ``import resnet_fast``)."""
+    value = os.environ.get("RESNET_FAST_BACKEND", "auto")
+    if value not in _CHOICES:
+        warnings.warn(f"environment variable RESNET_FAST_BACKEND={value!r} is not a resnet_fast backend "
+                      f"(choose one of {', '.join(_CHOICES)}); using 'auto'", UserWarning, stacklevel=2)
+        return "auto"
+    _warn_if_unavailable(value, f"RESNET_FAST_BACKEND={value!r}", lambda name: _device_reasons(name, None))
+    return value
+
+
+_state["choice"] = _choice_from_environment()
