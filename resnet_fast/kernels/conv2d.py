@@ -116,6 +116,8 @@ CONFIGS = [
     _config(64, 64, 32, 4, 4),
     _config(64, 64, 32, 8, 3),
     _config(64, 64, 16, 4, 4),
+    _config(64, 32, 32, 4, 3),
+    _config(64, 32, 16, 4, 4),
 ]
 """Tile configurations (GPU); the autotuner tries the spill-free ones (:func:`configs_for`)."""
 
@@ -148,9 +150,9 @@ SPILL_FREE_CONFIGS: dict[tuple[str, str, str, str], frozenset[str]] = {
     ("sm_90", "epilogue", "tf32", "flat-k"):
         frozenset({"128x128x32-w8-s4", "64x64x64-w4-s4", "64x64x32-w4-s4"}),
     ("sm_90", "epilogue", "fp32-ieee", "taps"):
-        frozenset({"64x64x64-w4-s4", "64x64x32-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4"}),
+        frozenset({"64x64x32-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4", "64x32x32-w4-s3", "64x32x16-w4-s4"}),
     ("sm_90", "epilogue", "fp32-ieee", "flat-k"):
-        frozenset({"64x64x64-w4-s4", "64x64x32-w4-s4", "64x64x32-w8-s3"}),
+        frozenset({"64x64x64-w4-s4", "64x64x32-w4-s4", "64x64x32-w8-s3", "64x32x32-w4-s3", "64x32x16-w4-s4"}),
     ("sm_90", "stats", "16-bit", "taps"):
         frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "128x64x32-w4-s4",
                    "64x128x32-w4-s4", "64x64x32-w4-s4"}),
@@ -163,23 +165,23 @@ SPILL_FREE_CONFIGS: dict[tuple[str, str, str, str], frozenset[str]] = {
     ("sm_90", "stats", "tf32", "flat-k"):
         frozenset({"128x128x32-w8-s4", "64x128x64-w4-s4", "64x64x64-w4-s4", "64x64x32-w4-s4"}),
     ("sm_90", "stats", "fp32-ieee", "taps"):
-        frozenset({"64x64x64-w4-s4", "64x64x32-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4"}),
+        frozenset({"64x64x32-w4-s4", "64x64x16-w4-s4", "64x32x32-w4-s3", "64x32x16-w4-s4"}),
     ("sm_90", "stats", "fp32-ieee", "flat-k"):
-        frozenset({"64x64x64-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4"}),
+        frozenset({"64x64x64-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4", "64x32x32-w4-s3"}),
     ("sm_90", "stats+prologue", "16-bit", "taps"):
         frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "128x64x32-w4-s4",
                    "64x128x32-w4-s4", "64x64x32-w4-s4"}),
     ("sm_90", "stats+prologue", "16-bit", "flat-k"):
-        frozenset({"128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "128x64x32-w4-s4", "64x64x32-w4-s4"}),
+        frozenset({"128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "64x64x32-w4-s4"}),
     ("sm_90", "stats+prologue", "tf32", "taps"):
         frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "128x64x32-w4-s4",
                    "64x128x32-w4-s4", "64x64x32-w4-s4"}),
     ("sm_90", "stats+prologue", "tf32", "flat-k"):
         frozenset({"128x128x32-w8-s4", "64x64x32-w4-s4"}),
     ("sm_90", "stats+prologue", "fp32-ieee", "taps"):
-        frozenset({"64x64x64-w4-s4", "64x64x32-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4"}),
+        frozenset({"64x64x32-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4", "64x32x32-w4-s3", "64x32x16-w4-s4"}),
     ("sm_90", "stats+prologue", "fp32-ieee", "flat-k"):
-        frozenset({"64x64x64-w4-s4", "64x64x32-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4"}),
+        frozenset({"64x64x64-w4-s4", "64x64x32-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4", "64x32x32-w4-s3", "64x32x16-w4-s4"}),
     ("sm_80", "epilogue", "16-bit", "taps"):
         frozenset({"128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "128x64x32-w4-s4", "64x128x32-w4-s4",
                    "64x64x32-w4-s4"}),
@@ -191,9 +193,9 @@ SPILL_FREE_CONFIGS: dict[tuple[str, str, str, str], frozenset[str]] = {
     ("sm_80", "epilogue", "tf32", "flat-k"):
         frozenset({"128x64x64-w8-s3", "64x64x64-w4-s4", "64x64x32-w4-s4"}),
     ("sm_80", "epilogue", "fp32-ieee", "taps"):
-        frozenset({"64x64x32-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4"}),
+        frozenset({"64x64x32-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4", "64x32x32-w4-s3", "64x32x16-w4-s4"}),
     ("sm_80", "epilogue", "fp32-ieee", "flat-k"):
-        frozenset({"64x64x32-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4"}),
+        frozenset({"64x64x32-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4", "64x32x32-w4-s3", "64x32x16-w4-s4"}),
     ("sm_80", "stats", "16-bit", "taps"):
         frozenset({"128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "64x128x32-w4-s4", "64x64x32-w4-s4"}),
     ("sm_80", "stats", "16-bit", "flat-k"):
@@ -204,9 +206,9 @@ SPILL_FREE_CONFIGS: dict[tuple[str, str, str, str], frozenset[str]] = {
     ("sm_80", "stats", "tf32", "flat-k"):
         frozenset({"128x64x64-w8-s3", "64x64x64-w4-s4", "64x64x32-w4-s4"}),
     ("sm_80", "stats", "fp32-ieee", "taps"):
-        frozenset({"64x64x32-w4-s4", "64x64x16-w4-s4"}),
+        frozenset({"64x64x32-w4-s4", "64x64x16-w4-s4", "64x32x16-w4-s4"}),
     ("sm_80", "stats", "fp32-ieee", "flat-k"):
-        frozenset({"64x64x32-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4"}),
+        frozenset({"64x64x32-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4", "64x32x32-w4-s3", "64x32x16-w4-s4"}),
     ("sm_80", "stats+prologue", "16-bit", "taps"):
         frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "128x64x32-w4-s4",
                    "64x128x32-w4-s4", "64x64x32-w4-s4"}),
@@ -217,9 +219,9 @@ SPILL_FREE_CONFIGS: dict[tuple[str, str, str, str], frozenset[str]] = {
     ("sm_80", "stats+prologue", "tf32", "flat-k"):
         frozenset({"64x64x64-w4-s4", "64x64x32-w4-s4"}),
     ("sm_80", "stats+prologue", "fp32-ieee", "taps"):
-        frozenset({"64x64x16-w4-s4"}),
+        frozenset({"64x32x32-w4-s3", "64x32x16-w4-s4"}),
     ("sm_80", "stats+prologue", "fp32-ieee", "flat-k"):
-        frozenset({"64x64x32-w8-s3", "64x64x16-w4-s4"}),
+        frozenset({"64x64x32-w8-s3", "64x64x16-w4-s4", "64x32x32-w4-s3", "64x32x16-w4-s4"}),
 }
 """(architecture, epilogue, input, K tiling) -> the names of the configs autotuning may try
 there: those that compile without register spills (``ptxas -v`` on the kernel built as the
