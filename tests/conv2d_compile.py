@@ -152,28 +152,34 @@ def full_set(spill_free_only: bool = False) -> list[str]:
     return cases
 
 
-def measure_all(cases: list[str] | None = None, cache=None, workers: int | None = None) -> dict:
-    """Compile ``cases`` (default :func:`full_set`) in parallel processes; returns
-    {spill-table key: {config name: [reports]}}."""
+def measure_all(cases: list[str] | None = None, cache=None, workers: int | None = None,
+                chunk: int = 8) -> dict:
+    """Compile ``cases`` (default :func:`full_set`) in parallel processes of ``chunk`` cases
+    each; returns {spill-table key: {config name: [reports]}}."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
     cases = full_set() if cases is None else cases
-    workers = workers or os.cpu_count() or 1
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if cache is not None:
         env["TRITON_CACHE_DIR"] = str(cache)
-    chunks = [cases[i::workers] for i in range(workers) if cases[i::workers]]
-    procs = [subprocess.Popen([sys.executable, __file__, *chunk], env=env, stdout=subprocess.PIPE, text=True,
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-             for chunk in chunks]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run(part: list[str]) -> list[dict]:
+        result = subprocess.run([sys.executable, os.path.abspath(__file__), *part], env=env, cwd=root,
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"compiling {part} failed:\n{result.stderr[-4000:]}")
+        return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+    parts = [cases[i:i + chunk] for i in range(0, len(cases), chunk)]
     reports = []
-    with tqdm(total=len(cases), desc="compiling", unit="kernel", file=sys.stderr) as bar:
-        for proc in procs:
-            for line in proc.stdout:
-                reports.append(json.loads(line))
-                bar.update()
-            if proc.wait() != 0:
-                raise RuntimeError(f"compiling failed (exit {proc.returncode}); see stderr above")
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool, \
+            tqdm(total=len(cases), desc="compiling", unit="kernel", file=sys.stderr) as bar:
+        for done in pool.map(run, parts):
+            reports += done
+            bar.update(len(done))
     table: dict = {}
     for report in reports:
         name = report["case"].rsplit(":", 1)[1]
