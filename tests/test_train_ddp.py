@@ -6,6 +6,25 @@ gradients added); with ``--sync-bn`` the two processes normalise with the statis
 the whole batch, so the reference is plain single-process training. Running statistics
 are compared only with ``--sync-bn``: DDP broadcasts rank 0's, which saw half the batch,
 while the accumulating reference updates them once per chunk.
+
+Both comparisons are of float32 trajectories, which agree to rounding only while no ReLU
+input lies within rounding distance of zero: summing gradients in another order (the
+all-reduce, or the ``torch`` backend's composition instead of aten's) leaves the weights
+about 1e-7 apart, and an activation that rounding puts on the other side of zero switches
+that element's ReLU gradient on or off. With seed 0 this happens at iteration 3: one
+input of layer1.0's first ReLU in the second chunk is 3.4e-8 from the weights of the
+accumulating run on the native path (bit for bit torchvision eager's) and -2.1e-7 from
+those of the accumulating run on the ``torch`` backend, which two gloo processes reach to
+1e-7; layer1.0.conv1.weight's gradient then differs by 2.2e-3 and the weights by 2.2e-4.
+The same 2.2e-4 gap in that parameter separates torchvision's eager model in one
+accumulating process from two gloo processes; from equal weights the native path's and
+the ``torch`` backend's gradients agree to 5e-8; and in float64 the two accumulating runs
+agree to 2e-16 after iteration 3. That is the discontinuity of ReLU's derivative, not a
+difference in what either side computes, so the trajectory test uses a seed whose three
+iterations keep every ReLU input clear of zero: with seed 7 the smallest |ReLU input| of
+the accumulating run is 1.0e-5 (seed 0: 3.4e-8), where the runs' activations differ by at
+most 3e-6. A change of numerics may move an activation near zero again; the same check
+(the smallest |ReLU input| of each step, from a ``TorchDispatchMode`` on aten.relu) tells.
 """
 
 from __future__ import annotations
@@ -23,6 +42,7 @@ from resnet_fast.train.metrics import read_metrics
 RUN = ("synthetic", "--model", "resnet8", "--batch-size", 8, "--image-size", 8, "--num-classes", 3,
        "--synthetic-images", 16, "--iterations", 3, "--log-every", 1, "--workers", 0)
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}  # fp32; the all-reduce sums in another order than one process
+SEED = 7  # of the unsynchronized trajectory test: every ReLU input stays clear of zero (module docstring)
 
 
 def _assert_same_state(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
@@ -32,11 +52,12 @@ def _assert_same_state(ours: dict[str, torch.Tensor], reference: dict[str, torch
 
 
 def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):
-    assert train(*RUN, "--accumulate", 2, "--out", tmp_path / "one") == 0
-    result = torchrun(2, *RUN, "--out", tmp_path / "two")
+    run = (*RUN, "--seed", SEED)
+    assert train(*run, "--accumulate", 2, "--out", tmp_path / "one") == 0
+    result = torchrun(2, *run, "--out", tmp_path / "two")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     one, two = parameters(tmp_path / "one" / "checkpoint.pt"), parameters(tmp_path / "two" / "checkpoint.pt")
-    torch.manual_seed(0)  # the trainer's seed: these are the initial weights
+    torch.manual_seed(SEED)  # the trainer's seed: these are the initial weights
     initial = CifarResNet(8, num_classes=3).state_dict()
     assert not torch.allclose(one["fc.weight"], initial["fc.weight"])  # it trained
     _assert_same_state(two, one)
