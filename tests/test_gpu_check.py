@@ -98,9 +98,10 @@ def test_dry_run_benchmarks_md_is_labelled_and_has_plots(dry_run):
     text = (out / "BENCHMARKS.md").read_text()
     assert f"every document below is a {DRY_RUN_LABEL}" in text
     for heading in ("### Stages", "### Headline throughput", "### Primitives vs the bandwidth floor",
-                    "### Model parity", "### Convergence", "### Checks"):
-        assert heading in text
-        after = text.split(heading, 1)[1].lstrip("\n")
+                    "### Model parity: one training step against float64",
+                    "### Convergence: ResNet-20 on scikit-learn's digits", "### Checks"):
+        assert f"\n{heading}\n" in text
+        after = text.split(f"\n{heading}\n", 1)[1].lstrip("\n")
         assert after.startswith(f"_**{DRY_RUN_LABEL}.**"), f"{heading} lacks the dry-run label"
     with tarfile.open(out / "plots.tar.gz") as archive:
         names = {Path(name).name for name in archive.getnames()}
@@ -232,3 +233,40 @@ def test_committed_benchmarks_md_is_what_the_committed_results_generate(tmp_path
         assert all(f"`{path.name}`" in committed for path in documents)
     else:
         assert committed == check_report.NO_MEASUREMENTS
+
+
+# --- what a real run plans ------------------------------------------------------------------
+
+
+def gpu_context(tmp_path, bf16: bool = True) -> CheckContext:
+    ctx = CheckContext(out=tmp_path / "out", work=tmp_path / "work", dry_run=False)
+    ctx.environment = {"bf16": bf16, "capability": "9.0" if bf16 else "7.0"}
+    return ctx
+
+
+def test_headline_order_of_value_on_a_gpu(tmp_path):
+    rows = gpu_check.headline_rows(gpu_context(tmp_path))
+    plan = [(r["model"], r["batch"], r["dtype"], r["variant"], r["mode"], r["cuda_graphs"]) for r in rows]
+    assert plan[:6] == [("resnet50", 256, "bf16", v, m, False) for v, m in (
+        ("eager", "both"), ("resnet_fast", "both"), ("resnet_fast:triton", "both"), ("resnet_fast:cuda", "both"),
+        ("resnet_fast:triton+fused", "train"), ("resnet_fast:cuda+fused", "train"))]
+    assert {p[2] for p in plan[6:11]} == {"fp16"} and plan[6][3] == "eager"
+    # issue 17: ResNet-50 at 32 and ResNet-20 at 128, with and without CUDA graphs, eager beside
+    for model, batch in (("resnet50", 32), ("resnet20", 128)):
+        for graphs in (False, True):
+            variants = [p[3] for p in plan if p[:2] == (model, batch) and p[5] == graphs]
+            assert variants[0] == "eager" and "resnet_fast:cuda" in variants and "resnet_fast:triton+fused" in variants
+    assert plan[-1] == ("resnet50", 256, "bf16", "compile", "both", False)
+    assert all("--channels-last" in r["profiler_args"] and "--device cuda" in r["profiler_args"] for r in rows)
+    assert {r["dtype"] for r in gpu_check.headline_rows(gpu_context(tmp_path, bf16=False))} == {"fp16"}
+
+
+def test_model_parity_plan_on_a_gpu(tmp_path):
+    [task] = gpu_check.plan_model_parity(gpu_context(tmp_path))
+    steps = [r for r in task.rows if r["kind"] == "parity"]
+    assert {(r["model"], r["dtype"]) for r in steps} == {(m, d) for m in ("resnet50", "resnet20") for d in ("bf16", "fp16")}
+    assert {(r["backend"], r["fused"]) for r in steps} >= {("triton", True), ("cuda", True), ("auto", False)}
+    digits = [r for r in task.rows if r["kind"] == "convergence"]
+    assert [(r["backend"], r["fused"]) for r in digits] == [(None, False), ("triton", True), ("cuda", True)]
+    assert all(r["epochs"] >= 5 and r["limit"] is None for r in digits)
+    assert task.env == {"RESNET_FAST_AUTOTUNE": "0"}
