@@ -70,7 +70,7 @@ def test_dry_run_records_measurements_and_checks_with_tolerances(dry_run):
     kinds = {m["kind"] for m in document["measurements"]}
     assert kinds == {"build", "throughput", "primitive"}
     throughput = [m for m in document["measurements"] if m["kind"] == "throughput"]
-    assert {"eager", "resnet_fast", "resnet_fast:torch"} <= {m["variant"] for m in throughput}
+    assert {"eager", "resnet_fast"} <= {m["variant"] for m in throughput}
     assert all(m["images_per_s"] > 0 for m in throughput)
     # the small-batch rows (issue 17): ResNet-20 with eager beside resnet_fast
     assert {"eager"} <= {m["variant"] for m in throughput if m["model"] == "resnet20" and m["batch"] == 4}
@@ -270,3 +270,48 @@ def test_model_parity_plan_on_a_gpu(tmp_path):
     assert [(r["backend"], r["fused"]) for r in digits] == [(None, False), ("triton", True), ("cuda", True)]
     assert all(r["epochs"] >= 5 and r["limit"] is None for r in digits)
     assert task.env == {"RESNET_FAST_AUTOTUNE": "0"}
+
+
+SELF_CHECK_JSON = {  # python -m resnet_fast.check --json: verdicts per backend and one row per case
+    "device": "cuda:0", "gpu": "NVIDIA H200", "capability": [9, 0], "interpreted": False, "seconds": 50.0,
+    "backends": {"triton": {"checked": True, "passed": False, "verdict": "triton: FAILED 1 of 2 checks"},
+                 "cuda": {"checked": True, "passed": True, "verdict": "cuda: passed all 1 checks"}},
+    "rows": [
+        {"operator": "batch_norm_act", "backend": "triton", "dtype": "bf16", "layout": "nhwc", "case": "2x3x1x1",
+         "max_error": 0.5, "tolerance": 0.01, "result": "FAIL", "detail": "output", "seconds": 0.1},
+        {"operator": "batch_norm_act", "backend": "triton", "dtype": "bf16", "layout": "nchw", "case": "2x3x1x1",
+         "max_error": 0.001, "tolerance": 0.01, "result": "pass", "detail": "", "seconds": 0.1},
+        {"operator": "conv2d_stats", "backend": "cuda", "dtype": "fp16", "layout": "nhwc", "case": "r50",
+         "max_error": None, "tolerance": None, "result": "skipped", "detail": "auto never runs it", "seconds": 0},
+    ],
+}
+
+
+def test_self_check_rows_become_checks_with_error_and_tolerance(tmp_path):
+    report_path, record_dir = tmp_path / "self-check.json", tmp_path / "records"
+    report_path.write_text(json.dumps(SELF_CHECK_JSON))
+    record_dir.mkdir()
+    (record_dir / "cuda-nvidia-h200.json").write_text(json.dumps({"backend": "cuda", "gpu": "NVIDIA H200"}))
+    *checks, kept = gpu_check.self_check_records(report_path, record_dir)
+    assert [(c["outcome"], c["passed"], c["error"], c["tolerance"]) for c in checks] == [
+        ("failed", False, 0.5, 0.01), ("passed", True, 0.001, 0.01), ("skipped", None, None, None)]
+    assert checks[0]["name"] == "triton batch_norm_act bf16 nhwc 2x3x1x1" and checks[0]["message"] == "output"
+    assert kept["type"] == "self_check" and "rows" not in kept["report"]
+    assert kept["validation_records"] == {"cuda-nvidia-h200.json": {"backend": "cuda", "gpu": "NVIDIA H200"}}
+    assert gpu_check.self_check_records(tmp_path / "missing.json", record_dir) == []
+
+
+@pytest.mark.parametrize("available", [True, False])
+def test_kernel_check_uses_the_self_check_where_it_exists(tmp_path, monkeypatch, available):
+    monkeypatch.setattr(gpu_check, "self_check_available", lambda: available)
+    ctx = gpu_context(tmp_path)
+    [task] = gpu_check.plan_kernel_check(ctx)
+    assert task.env["RESNET_FAST_AUTOTUNE"] == "0"
+    if available:
+        assert task.argv[1:3] == ("-m", "resnet_fast.check") and "--json" in task.argv and "--record-dir" in task.argv
+        assert not ctx.kernel_tests_ran
+    else:
+        assert task.argv[1:3] == ("-m", "pytest") and "gpu" in task.argv and ctx.kernel_tests_ran
+        assert set(gpu_check.KERNEL_TEST_FILES) <= set(task.argv)
+        [rest] = gpu_check.plan_gpu_tests(ctx)
+        assert {f"--ignore={path}" for path in gpu_check.KERNEL_TEST_FILES} <= set(rest.argv)

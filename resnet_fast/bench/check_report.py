@@ -282,6 +282,11 @@ def document_section(document: dict[str, Any], name: str, plots: dict[str, Path]
             lines += ["", f"### {title}", "", provenance(document, name), *([""] if body[0] else []), *body]
             for key in keys:
                 lines += image(key)
+    for self_check in document["self_checks"]:
+        lines += ["", "### Self-check verdicts and validation records", "",
+                  *(f"- {backend.get('verdict')}" for backend in self_check["report"].get("backends", {}).values()),
+                  *(f"- validation record `{name}` (in the results document under `self_checks`)"
+                    for name in self_check["validation_records"])]
     skipped = skipped_list(document)
     if skipped:
         lines += ["", "### Not measured, and why", "", *skipped]

@@ -9,9 +9,10 @@ the deadline; the shares add up to one):
 
 1. ``environment``: device, driver, versions (a worker process);
 2. ``build``: the extension for this GPU's architecture only, all cores, timed;
-3. ``kernel_check``: ``python -m resnet_fast.check --json`` where that command exists (its
-   validation records are kept), else the GPU-marked kernel tests; fixed tile
-   configurations (``RESNET_FAST_AUTOTUNE=0``);
+3. ``kernel_check``: ``python -m resnet_fast.check --json`` where that command exists (a
+   check record per case with its error and tolerance; the validation records it writes
+   are kept in the document), else the GPU-marked kernel tests; fixed tile configurations
+   (``RESNET_FAST_AUTOTUNE=0``);
 4. ``model_parity``: one training step of ResNet-50 and ResNet-20 in bf16 and fp16 on every
    backend, default and fused training, against float64 and eager
    (:mod:`resnet_fast.bench.parity`), and ResNet-20 trained on scikit-learn's digits, fused
@@ -44,7 +45,7 @@ Everything lands in ``DIR`` as it happens (the device tool returns at most 8 fil
 format, labelled as a dry run; CI runs it (``tests/test_gpu_check.py``). What differs: fp32
 (the CPU's fast path) instead of bf16/fp16; ResNet-20 at 8-16 pixels stands in for every
 network; the build runs setup.py with the build switched off; the kernel check runs the
-self-check through the Triton interpreter (``--interpret --quick``) or a few CPU kernel
+self-check through the Triton interpreter (``--interpret``) or a few CPU kernel
 tests; no CUDA graphs and no ``torch.compile`` row; the GPU tests of one file, which skip.
 Backends the CPU cannot run are recorded as skipped with their reasons, as on a GPU where
 one is unavailable.
@@ -224,22 +225,40 @@ def junit_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def self_check_records(report: Path, cache: Path) -> list[dict[str, Any]]:
-    """The self-check's JSON as written, with the validation records it produced under ``cache``."""
+SELF_CHECK_OUTCOMES = {"pass": "passed", "FAIL": "failed", "skipped": "skipped"}
+
+
+def self_check_records(report: Path, record_dir: Path) -> list[dict[str, Any]]:
+    """A check record per row of ``python -m resnet_fast.check --json`` (operator, backend, dtype,
+    layout, case, max error, tolerance), then the report's verdicts with the validation records
+    the check wrote into ``record_dir`` (none where it wrote no JSON)."""
     if not report.exists():
         return []
-    records_written = {str(p.relative_to(cache)): json.loads(p.read_text()) for p in sorted(cache.rglob("*.json"))}
-    return [{"type": "self_check", "report": json.loads(report.read_text()), "validation_records": records_written}]
+    data = json.loads(report.read_text())
+    records: list[dict[str, Any]] = []
+    for row in data.get("rows", []):
+        outcome = SELF_CHECK_OUTCOMES.get(row.get("result"), "error")
+        records.append({"type": "check", "name": " ".join(str(row.get(k, "")) for k in
+                                                          ("backend", "operator", "dtype", "layout", "case")),
+                        "outcome": outcome, "passed": None if outcome == "skipped" else outcome == "passed",
+                        "error": row.get("max_error"), "tolerance": row.get("tolerance"),
+                        "message": row.get("detail") or None, "seconds": row.get("seconds"),
+                        **{k: row.get(k) for k in ("backend", "operator", "dtype", "layout", "case")}})
+    written = {p.name: json.loads(p.read_text()) for p in sorted(record_dir.rglob("*.json"))} \
+        if record_dir.exists() else {}
+    summary = {k: v for k, v in data.items() if k != "rows"}
+    records.append({"type": "self_check", "report": summary, "validation_records": written})
+    return records
 
 
 def plan_kernel_check(ctx: CheckContext) -> list[Task]:
     """The self-check command where it exists, else the GPU-marked kernel tests (fixed tiles)."""
     env = dict(CORRECTNESS_ENV)
     if self_check_available():
-        report, cache = ctx.work / "self-check.json", ctx.work / "validation-cache"
-        args = ["--json", str(report)] + (["--interpret", "--quick"] if ctx.dry_run else [])
-        return [Task("self_check", argv=ctx.python_module("resnet_fast.check", *args),
-                     env={**env, "XDG_CACHE_HOME": str(cache)}, ingest=lambda: self_check_records(report, cache))]
+        report, record_dir = ctx.work / "self-check.json", ctx.work / "validation-records"
+        args = ["--json", str(report), "--record-dir", str(record_dir)] + (["--interpret"] if ctx.dry_run else [])
+        return [Task("self_check", argv=ctx.python_module("resnet_fast.check", *args), env=env,
+                     ingest=lambda: self_check_records(report, record_dir))]
     ctx.kernel_tests_ran = True
     junit = ctx.work / "kernel-tests.xml"
     if ctx.dry_run:  # the CPU cases of two kernel files: the same command line, the CPU's share of the cases
@@ -281,8 +300,7 @@ def headline_rows(ctx: CheckContext) -> list[dict[str, Any]]:
     if ctx.dry_run:
         big, small, cifar = ("resnet20", 4, 16), ("resnet20", 2, 16), ("resnet20", 4, 8)
         steps, warmup = 1, 1
-        fused = [*fused, "resnet_fast:torch+fused"]
-        native = [*native, "resnet_fast:torch"]
+        fused = [*fused, "resnet_fast:torch+fused"]  # the CPU's fused training
     else:
         big, small, cifar = ("resnet50", 256, 224), ("resnet50", 32, 224), ("resnet20", 128, 32)
         steps, warmup = 20, 5
@@ -572,7 +590,9 @@ def summary_lines(stage: Stage, stage_record: dict[str, Any], records: list[dict
             lines.append(f"- {r.get('device_name') or r.get('cpu')} (capability {r.get('capability')}), torch "
                          f"{r['torch']}, CUDA {r['cuda']}, triton {r['triton']}; extension: {r['extension']}")
         elif r["type"] == "self_check":
-            lines.append(f"- self-check report and {len(r['validation_records'])} validation record(s) kept")
+            lines += [f"- self-check: {backend.get('verdict')}" for backend in r["report"].get("backends", {}).values()]
+            lines.append(f"- {len(r['validation_records'])} validation record(s) kept in the results document: "
+                         + (", ".join(r["validation_records"]) or "none"))
     return lines + [""]
 
 
