@@ -104,15 +104,23 @@ def _cuda_extension():
     # torch's headers (2.10+) need C++20, and BuildExtension would add -std=c++20 itself;
     # it is spelled out so nvcc and the host compiler agree. No --use_fast_math: the
     # statistics kernels rely on IEEE division and exact subtraction.
+    # --threads=0: nvcc compiles the architectures of one file in parallel (one thread per
+    # CPU), so the largest kernel file is not one long serial job.
+    nvcc_flags = ["-O3", "-std=c++20", "-lineinfo", "--threads=0"]
+    # resnet_fast._C.build_info() reports how the extension was built (csrc/module.cpp, the
+    # only C++ file, gets these defines; the .cu files do not, so a new fingerprint
+    # recompiles module.cpp alone).
+    info_defines = _build.build_info_defines(
+        architectures=_build.arch_names(arch_list),
+        cuda_version=f"{version[0]}.{version[1]}",
+        torch_version=torch.__version__,
+        source_fingerprint=_build.source_fingerprint(os.path.join(ROOT, "csrc")),
+        build_flags=nvcc_flags,
+    )
     extension = CUDAExtension(
         name="resnet_fast._C",
         sources=sources,
-        extra_compile_args={
-            "cxx": ["-O3", "-std=c++20"],
-            # --threads=0: nvcc compiles the architectures of one file in parallel (one
-            # thread per CPU), so the largest kernel file is not one long serial job.
-            "nvcc": ["-O3", "-std=c++20", "-lineinfo", "--threads=0"],
-        },
+        extra_compile_args={"cxx": ["-O3", "-std=c++20", *info_defines], "nvcc": nvcc_flags},
     )
     # BuildExtension runs ninja with MAX_JOBS parallel jobs when that is set.
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -30,6 +30,9 @@
 //  * NCHW: blockIdx.x is the channel (coefficients once per thread), blockIdx.y splits
 //    the images and, for large planes, the H*W plane; 16-byte vectors along H*W when
 //    H*W is a multiple of the vector width and the tensors are aligned.
+//  fp16/bf16 have a middle tier in both layouts: 8-byte vectors of 4 elements when the
+//  extent is a multiple of 4 and the tensors 8-byte aligned (NCHW 14 x 14 planes, 196
+//  elements) instead of 2-byte loads (reduction.cuh's vector_width).
 // Tensors with other strides are copied to the input's layout first (residual, grad_out
 // and out follow the input's layout). Indices are 64-bit. No host synchronisation (CUDA
 // graphs capture it), the current stream, workspaces from the caching allocator.
@@ -568,11 +571,9 @@ ChannelVec channel_vec(const char* op, const char* name, const std::optional<at:
   return {keep.const_data_ptr(), type};
 }
 
-template <typename scalar_t, int V>
-bool vector_ok(const at::Tensor& input, const Layout& layout) {
-  if (V == 1) return true;
-  const int64_t inner = layout.nhwc ? input.size(1) : input.size(2) * input.size(3);
-  return inner % V == 0;
+// The contiguous extent the vector loads run along: C (channels_last) or H*W (NCHW).
+int64_t inner_extent(const at::Tensor& input, const Layout& layout) {
+  return layout.nhwc ? input.size(1) : input.size(2) * input.size(3);
 }
 
 // Launch configuration shared by the three ops: the plan for the layout and vector width.
@@ -635,14 +636,12 @@ void dispatch_apply_width(const at::Tensor& x, const at::Tensor* residual, at::T
   // Mixed dtypes (a float32 residual of fp16/bf16 activations) are rare: scalar kernels
   // only, which keeps the build smaller.
   constexpr int V = std::is_same_v<scalar_t, res_t> ? vec_width<scalar_t>() : 1;
-  const bool vec = V > 1 && vector_ok<scalar_t, V>(x, layout) && aligned_to(x.const_data_ptr(), 16) &&
-                   aligned_to(out.const_data_ptr(), 16) &&
-                   (residual == nullptr || aligned_to(residual->const_data_ptr(), 16));
-  if (vec) {
-    launch_apply<scalar_t, res_t, V>(x, residual, out, layout, p, stream);
-  } else {
-    launch_apply<scalar_t, res_t, 1>(x, residual, out, layout, p, stream);
-  }
+  const int width = vector_width(V, inner_extent(x, layout),
+                                 {x.const_data_ptr(), out.const_data_ptr(),
+                                  residual == nullptr ? nullptr : residual->const_data_ptr()});
+  with_vector_width<V>(width, [&](auto w) {
+    launch_apply<scalar_t, res_t, decltype(w)::value>(x, residual, out, layout, p, stream);
+  });
 }
 
 at::Tensor batch_norm_act_apply_cuda(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
@@ -745,13 +744,12 @@ void dispatch_reduce_width(const at::Tensor& dy, const at::Tensor& x, const at::
                            at::Tensor& sum_dy_xhat, const Layout& layout,
                            const ReduceParams<typename Traits<scalar_t>::acc_t>& p, cudaStream_t stream) {
   constexpr int V = std::is_same_v<scalar_t, dy_t> ? vec_width<scalar_t>() : 1;  // mixed: scalar only
-  const bool vec = V > 1 && vector_ok<scalar_t, V>(x, layout) && aligned_to(x.const_data_ptr(), 16) &&
-                   aligned_to(dy.const_data_ptr(), 16) && (out == nullptr || aligned_to(out->const_data_ptr(), 16));
-  if (vec) {
-    launch_reduce<scalar_t, dy_t, V>(dy, x, out, sum_dy, sum_dy_xhat, layout, p, stream);
-  } else {
-    launch_reduce<scalar_t, dy_t, 1>(dy, x, out, sum_dy, sum_dy_xhat, layout, p, stream);
-  }
+  const int width = vector_width(V, inner_extent(x, layout),
+                                 {x.const_data_ptr(), dy.const_data_ptr(),
+                                  out == nullptr ? nullptr : out->const_data_ptr()});
+  with_vector_width<V>(width, [&](auto w) {
+    launch_reduce<scalar_t, dy_t, decltype(w)::value>(dy, x, out, sum_dy, sum_dy_xhat, layout, p, stream);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_act_backward_reduce_cuda(
@@ -827,15 +825,13 @@ void dispatch_backward_width(const at::Tensor& dy, const at::Tensor& x, const at
                              at::Tensor* grad_res, const Layout& layout,
                              const BackwardParams<typename Traits<scalar_t>::acc_t>& p, cudaStream_t stream) {
   constexpr int V = std::is_same_v<scalar_t, dy_t> ? vec_width<scalar_t>() : 1;  // mixed: scalar only
-  const bool vec = V > 1 && vector_ok<scalar_t, V>(x, layout) && aligned_to(x.const_data_ptr(), 16) &&
-                   aligned_to(dx.const_data_ptr(), 16) && aligned_to(dy.const_data_ptr(), 16) &&
-                   (out == nullptr || aligned_to(out->const_data_ptr(), 16)) &&
-                   (grad_res == nullptr || aligned_to(grad_res->const_data_ptr(), 16));
-  if (vec) {
-    launch_backward<scalar_t, dy_t, V>(dy, x, out, dx, grad_res, layout, p, stream);
-  } else {
-    launch_backward<scalar_t, dy_t, 1>(dy, x, out, dx, grad_res, layout, p, stream);
-  }
+  const int width = vector_width(V, inner_extent(x, layout),
+                                 {x.const_data_ptr(), dx.const_data_ptr(), dy.const_data_ptr(),
+                                  out == nullptr ? nullptr : out->const_data_ptr(),
+                                  grad_res == nullptr ? nullptr : grad_res->const_data_ptr()});
+  with_vector_width<V>(width, [&](auto w) {
+    launch_backward<scalar_t, dy_t, decltype(w)::value>(dy, x, out, dx, grad_res, layout, p, stream);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_act_backward_apply_cuda(

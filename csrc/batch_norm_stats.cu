@@ -14,8 +14,9 @@
 //
 // Work split (two levels):
 //  * channels_last (NHWC): the input is a (rows = N*H*W, C) matrix. A block covers a tile
-//    of channels (each thread owns kVec adjacent channels, loaded as one 16-byte vector)
-//    and a range of rows; blockIdx.y splits the rows.
+//    of channels (each thread owns V adjacent channels, loaded as one vector: 16 bytes,
+//    or 8 bytes for fp16/bf16 when C is a multiple of 4 but not of 8, else one element;
+//    NCHW planes likewise along H*W) and a range of rows; blockIdx.y splits the rows.
 //  * NCHW: a block covers one channel; blockIdx.y splits the batch (and, for large
 //    planes, the H*W plane too). Small planes (7x7) put several planes in flight per
 //    block so that a block still reads long runs; large planes unroll along H*W.
@@ -296,36 +297,29 @@ void launch_stats(const at::Tensor& x, bool channels_last, at::Tensor& mean, at:
     }
   };
 
+  // Elements per load: 16 bytes, 8 bytes (fp16/bf16) or one element (vector_width).
+  const int width = vector_width(V, channels_last ? channels : hw, {data});
   if (channels_last) {
     const int64_t rows = batch * hw;
-    const bool vec = channels % V == 0 && aligned16(data);
-    const NhwcPlan plan = plan_nhwc(rows, channels / (vec ? V : 1), target_blocks, /*reduction=*/true);
+    const NhwcPlan plan = plan_nhwc(rows, channels / width, target_blocks, /*reduction=*/true);
     make_workspace(plan.splits);
     grid = dim3(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.splits));
-    if (vec) {
-      stats_nhwc_kernel<scalar_t, V><<<grid, kThreads, 0, stream>>>(
+    with_vector_width<V>(width, [&](auto w) {
+      stats_nhwc_kernel<scalar_t, decltype(w)::value><<<grid, kThreads, 0, stream>>>(
           data, rows, channels, plan.rows_per_split, plan.bx, mean_ptr, var_ptr, ws_ptr);
-    } else {
-      stats_nhwc_kernel<scalar_t, 1><<<grid, kThreads, 0, stream>>>(
-          data, rows, channels, plan.rows_per_split, plan.bx, mean_ptr, var_ptr, ws_ptr);
-    }
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
-    const bool vec = hw % V == 0 && aligned16(data);
-    const int64_t nvec = hw / (vec ? V : 1);
+    const int64_t nvec = hw / width;
     const NchwPlan plan = plan_nchw(batch, channels, nvec, target_blocks);
     TORCH_INTERNAL_ASSERT(plan.splits >= 1 && plan.splits <= kMaxSplits);
     make_workspace(plan.splits);
     grid = dim3(static_cast<unsigned>(channels), static_cast<unsigned>(plan.splits));
-    if (vec) {
-      stats_nchw_kernel<scalar_t, V><<<grid, kThreads, 0, stream>>>(
+    with_vector_width<V>(width, [&](auto w) {
+      stats_nchw_kernel<scalar_t, decltype(w)::value><<<grid, kThreads, 0, stream>>>(
           data, batch, channels, hw, plan.n_per_split, plan.vec_per_split, static_cast<int>(plan.hw_splits),
           plan.bx, plan.unroll_hw, mean_ptr, var_ptr, ws_ptr);
-    } else {
-      stats_nchw_kernel<scalar_t, 1><<<grid, kThreads, 0, stream>>>(
-          data, batch, channels, hw, plan.n_per_split, plan.vec_per_split, static_cast<int>(plan.hw_splits),
-          plan.bx, plan.unroll_hw, mean_ptr, var_ptr, ws_ptr);
-    }
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 

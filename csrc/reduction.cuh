@@ -30,6 +30,8 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <initializer_list>
+#include <type_traits>
 
 namespace resnet_fast {
 
@@ -241,6 +243,44 @@ inline bool aligned_to(const void* p, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
 }
 inline bool aligned16(const void* p) { return aligned_to(p, 16); }
+
+// Elements per vector load for one kernel call (host side). `full` is the 16-byte width
+// of the element type (vec_width), `inner` the contiguous extent the vectors run along
+// (C for channels_last, H*W for NCHW), `pointers` the tensors read or written (null
+// entries are skipped). `full` when inner is a multiple of it and every pointer is
+// 16-byte aligned; for 16-bit types (full == 8) else 4 elements, 8-byte loads, when inner
+// is a multiple of 4 and the pointers 8-byte aligned (NCHW fp16/bf16 planes of
+// 14 x 14 = 196 elements); else 1.
+inline int vector_width(int full, int64_t inner, std::initializer_list<const void*> pointers) {
+  const int64_t bytes_per_element = 16 / full;
+  auto fits = [&](int width) {
+    if (inner % width != 0) return false;
+    for (const void* p : pointers) {
+      if (p != nullptr && !aligned_to(p, width * bytes_per_element)) return false;
+    }
+    return true;
+  };
+  if (full > 1 && fits(full)) return full;
+  if (full == 8 && fits(4)) return 4;
+  return 1;
+}
+
+// Calls launch(std::integral_constant<int, W>{}) with W the width vector_width chose for
+// an element type whose full width is V: V, 4 (only when V == 8) or 1.
+template <int V, typename Launch>
+void with_vector_width(int width, Launch&& launch) {
+  if constexpr (V == 8) {
+    if (width == 4) {
+      launch(std::integral_constant<int, 4>{});
+      return;
+    }
+  }
+  if (width == V) {
+    launch(std::integral_constant<int, V>{});
+  } else {
+    launch(std::integral_constant<int, 1>{});
+  }
+}
 
 // Blocks of kThreads that make one full wave on the device (cached per device; no
 // synchronisation).

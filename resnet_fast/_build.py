@@ -8,6 +8,8 @@ without running a build.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -119,3 +121,67 @@ def nvcc_gpu_arches(nvcc: str) -> set[str]:
     except (OSError, subprocess.SubprocessError):
         return set()
     return parse_gpu_arch_list(out.stdout) if out.returncode == 0 else set()
+
+
+def source_fingerprint(csrc: str | os.PathLike) -> str:
+    """sha256 (hex) of the extension's sources: every file under ``csrc`` (recursively).
+
+    Files are taken in the order of their paths relative to ``csrc`` (POSIX separators);
+    each contributes its relative path, a NUL byte, its bytes and a NUL byte, so a rename
+    or a moved boundary between files changes the hash too. setup.py compiles the result
+    into the extension (``resnet_fast._C.build_info()["source_fingerprint"]``), so a build
+    can be compared with the sources it claims to be.
+    """
+    root = os.fspath(csrc)
+    paths = []
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            full = os.path.join(folder, name)
+            paths.append((os.path.relpath(full, root).replace(os.sep, "/"), full))
+    digest = hashlib.sha256()
+    for relative, full in sorted(paths):
+        digest.update(relative.encode("utf-8") + b"\0")
+        with open(full, "rb") as source:
+            digest.update(source.read())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def arch_names(arch_list: str) -> list[str]:
+    """The architectures of a ``TORCH_CUDA_ARCH_LIST`` ("7.5;8.0 9.0+PTX" -> ["7.5", "8.0", "9.0"])."""
+    names = []
+    for entry in re.split(r"[;\s]+", arch_list.strip()):
+        name = entry.removesuffix("+PTX")
+        if name and name not in names:
+            names.append(name)
+    return names
+
+
+def _c_string(value: str) -> str:
+    # JSON's escapes of an ASCII string (\", \\, \n, \uXXXX) are C++'s as well.
+    return json.dumps(value, ensure_ascii=True)
+
+
+def build_info_defines(
+    architectures: list[str],
+    cuda_version: str,
+    torch_version: str,
+    source_fingerprint: str,
+    build_flags: list[str],
+) -> list[str]:
+    """The ``-D`` flags through which csrc/module.cpp learns how it was built.
+
+    String values become C++ string literals and lists braced initialisers, e.g.
+    ``-DRESNET_FAST_ARCHITECTURES={"7.5","8.0"}``; torch's build passes each flag as one
+    shell-quoted argument, so the quotes reach the compiler.
+    """
+    def string_list(values: list[str]) -> str:
+        return "{" + ",".join(_c_string(v) for v in values) + "}"
+
+    return [
+        f"-DRESNET_FAST_ARCHITECTURES={string_list(architectures)}",
+        f"-DRESNET_FAST_CUDA_VERSION={_c_string(cuda_version)}",
+        f"-DRESNET_FAST_TORCH_VERSION={_c_string(torch_version)}",
+        f"-DRESNET_FAST_SOURCE_FINGERPRINT={_c_string(source_fingerprint)}",
+        f"-DRESNET_FAST_BUILD_FLAGS={string_list(build_flags)}",
+    ]

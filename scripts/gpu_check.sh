@@ -33,9 +33,10 @@
 #   cp <files_at>/<gpu>-<yyyymmdd>.json benchmarks/results/
 #   python -m resnet_fast.bench.report benchmarks/results/*.json -o BENCHMARKS.md --plots benchmarks/results/
 #   git add benchmarks/results BENCHMARKS.md     # the document is the source of truth
-# A passing kernel check run through `python -m resnet_fast.check` also writes validation
-# records (kept in the document under "self_checks"); committed into the package's records,
-# they let `auto` choose the fused backends on that GPU (the self-check issue).
+# The kernel check is `python -m resnet_fast.check`: a backend that passes gets a validation
+# record, kept in the document under "self_checks"; written out as
+# resnet_fast/validation_records/<name>.json and committed (only for the code that ran), it
+# lets `auto` choose that backend on GPUs of that kind (the self-check issue).
 #
 # Extra Python packages travel as wheels in the git-ignored .whl/ folder at the repository
 # root (the machine has no network); pass `.whl` in the device call's carry and every wheel

@@ -1,15 +1,7 @@
 """Shared test helpers: float64 references and the dtype-aware tolerance rule.
 
-Tolerance (as flash-attention's tests): a result in a low-precision dtype passes when
-    err(ours) <= 2 * err(torch_same_dtype) + floor[dtype],   err(t) = ||t - ref|| / ||ref||
-where ref is computed in float64 from the same (upcast) inputs and torch_same_dtype is
-stock PyTorch in the tested dtype (norm-wise, as the project's GPU method notes ask).
-float64 results use a fixed tight max-abs tolerance.
-
-ReLU: an element whose pre-activation lies within rounding error of zero may land on
-either side in a low-precision dtype, and its gradient then differs by a whole
-``dy``. :func:`relu_with_mask_of` builds the float64 reference with the tested
-output's mask after asserting that the masks differ only at such elements.
+The rule itself (and the ReLU-mask handling) lives in :mod:`resnet_fast.testing`, which
+``python -m resnet_fast.check`` uses too: the tests and the self-check share one rule.
 """
 
 from __future__ import annotations
@@ -23,64 +15,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from resnet_fast.testing import (  # noqa: F401  re-exported for the tests
+    FLOAT64_ATOL,
+    KINK_TOLERANCE,
+    RELATIVE_FLOOR,
+    assert_close_to_reference,
+    random_input,
+    relu_with_mask_of,
+)
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-FLOAT64_ATOL = 1e-10
-RELATIVE_FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 # The CPU everywhere; CUDA as a marked test that skips here and runs in scripts/gpu_check.sh.
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, requires_gpu])]
-
-
-def assert_close_to_reference(ours: torch.Tensor, ref: torch.Tensor, same_dtype: torch.Tensor,
-                              name: str = "output") -> None:
-    """Check ``ours`` against the float64 ``ref`` using the rule in this module's docstring."""
-    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
-    ref = ref.double()
-    if ours.dtype == torch.float64:
-        error = (ours - ref).abs().max().item()
-        bound = FLOAT64_ATOL * max(1.0, ref.abs().max().item())
-        assert error <= bound, f"{name}: max error {error:.3g} exceeds {bound:.3g} (float64)"
-        return
-    scale = max(ref.norm().item(), 1e-30)
-    error = (ours.double() - ref).norm().item() / scale
-    torch_error = (same_dtype.double() - ref).norm().item() / scale
-    bound = 2 * torch_error + RELATIVE_FLOOR[ours.dtype]
-    assert error <= bound, (
-        f"{name}: relative error {error:.3g} exceeds {bound:.3g} "
-        f"(torch in {ours.dtype}: {torch_error:.3g})"
-    )
-
-
-KINK_TOLERANCE = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-
-
-def relu_with_mask_of(pre: torch.Tensor, tested_out: torch.Tensor) -> torch.Tensor:
-    """float64 ``relu(pre)`` using the mask ``tested_out > 0``.
-
-    Fails when the masks differ anywhere the float64 pre-activation is farther from zero
-    than the tested dtype's rounding (relative to the largest pre-activation).
-    """
-    if tested_out.dtype == torch.float64:
-        return torch.relu(pre)
-    mask = tested_out.detach() > 0
-    differ = mask != (pre.detach() > 0)
-    if differ.any():
-        limit = KINK_TOLERANCE[tested_out.dtype] * max(1.0, pre.detach().abs().max().item())
-        worst = pre.detach()[differ].abs().max().item()
-        assert worst <= limit, f"ReLU mask differs at a pre-activation of {worst:.3g} (limit {limit:.3g})"
-    return pre * mask
-
-
-def random_input(shape, dtype, channels_last: bool, *, scale: float = 1.0, shift: float = 0.0,
-                 device: str = "cpu", generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random normal data (never zeros) in the requested dtype and memory format."""
-    x = torch.randn(shape, dtype=torch.float64, generator=generator) * scale + shift
-    x = x.to(device=device, dtype=dtype)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
 
 
 def stock_conv_bn_act(conv, bn, relu: bool, mask_of: torch.Tensor | None = None):
@@ -143,3 +91,16 @@ def import_kernel_module(name: str):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; run by scripts/gpu_check.sh")
+
+
+@pytest.fixture(autouse=True)
+def isolated_validation_records(tmp_path_factory, monkeypatch):
+    """Every test sees an empty user cache of validation records (never the machine's own)
+    and a fresh record lookup; the once-per-process warning may fire again."""
+    from resnet_fast import validation
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+    validation.clear_cache()
+    validation._warned_unvalidated.clear()
+    yield
+    validation.clear_cache()

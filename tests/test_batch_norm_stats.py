@@ -135,6 +135,7 @@ GPU_SHAPES = [
     (32, 8, 56, 56),     # narrow C, many rows: blocks split the rows, second pass merges
     (2, 4, 128, 128),    # large planes: NCHW walks along H*W and splits the plane
     (3, 24, 20, 20),
+    (6, 12, 14, 14),     # fp16/bf16: 4-element loads (NCHW: H*W = 196; channels_last: C = 12)
 ]
 
 
@@ -191,6 +192,42 @@ def test_cuda_misaligned_storage(cuda_kernel, dtype, layout):
     assert x.data_ptr() % 16 != 0
     mean, var = OP(x)
     check_stats(x, mean, var)
+
+
+def _strided_view(shape, dtype, layout, offset):
+    """An input whose storage starts `offset` elements into a fresh allocation."""
+    n, c, h, w = shape
+    flat = make_input((1, 1, 1, offset + n * c * h * w), dtype, "nchw", device="cuda").flatten()[offset:]
+    return flat.view(shape) if layout == "nchw" else flat.view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def kernel_names(fn) -> list[str]:
+    """Names of the CUDA kernels that ``fn()`` launches (torch.profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [event.name for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout,shape,offset,width", [
+    ("nchw", (4, 8, 14, 14), 0, 4),            # H*W = 196: 8-byte loads, not 2-byte ones
+    ("nchw", (4, 8, 6, 6), 0, 4),              # H*W = 36
+    ("channels_last", (4, 12, 6, 6), 0, 4),    # C = 12
+    ("nchw", (4, 8, 16, 16), 4, 4),            # 8-byte but not 16-byte aligned
+    ("nchw", (4, 8, 14, 14), 2, 1),            # 4-byte aligned: element loads
+    ("nchw", (4, 8, 16, 16), 0, 8),            # the full 16 bytes
+    ("nchw", (4, 8, 7, 7), 0, 1),              # H*W = 49
+])
+def test_cuda_load_width_follows_extent_and_alignment(cuda_kernel, dtype, layout, shape, offset, width):
+    x = _strided_view(shape, dtype, layout, offset)
+    result = []
+    names = kernel_names(lambda: result.extend(OP(x)))
+    kernel = "stats_nchw_kernel" if layout == "nchw" else "stats_nhwc_kernel"
+    element = "c10::Half" if dtype == torch.float16 else "c10::BFloat16"
+    assert any(f"{kernel}<{element}, {width}>" in name for name in names), names
+    check_stats(x, *result)
 
 
 @pytest.mark.gpu

@@ -17,7 +17,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import resnet_fast
-from resnet_fast import kernels
+from resnet_fast import kernels, validation
 from resnet_fast.ops import dispatch
 from resnet_fast.ops.dispatch import TENSOR_CORE_DOT, CapabilityWarning
 
@@ -82,10 +82,10 @@ def tensor_core_op(tagged):
 
 @pytest.fixture
 def validated(monkeypatch):
-    """The GPU backends as they will be once validated on a GPU: no auto gate, the CUDA
+    """The GPU backends as they are on a GPU with validation records for both, the CUDA
     extension loaded."""
+    monkeypatch.setattr(validation, "auto_reason", lambda backend, device: None)
     for name in ("cuda", "triton"):
-        monkeypatch.setattr(dispatch.BACKENDS[name], "auto_gate", None)
         monkeypatch.setattr(dispatch.BACKENDS[name], "availability", lambda: [])
 
 
@@ -134,15 +134,16 @@ def test_bandwidth_kernels_run_on_gpu_backends_on_every_capability(name, op, gpu
 
 
 @pytest.mark.parametrize("name", CAPABILITIES)
-def test_shipped_gates_keep_auto_on_torch_and_say_why(name, gpu, tensor_core_op):
-    """As shipped (GPU backends not yet validated), auto runs torch; the reasons name both
-    the gate and, below sm_80, the capability."""
+def test_without_records_auto_keeps_torch_and_says_why(name, gpu, tensor_core_op):
+    """Without validation records auto runs torch; the reason is the capability below sm_80
+    and the missing record above."""
     x = gpu(name)(2, 8, 4, 4)
-    for op in (*REAL_OPS, TENSOR_CORE_OP):
-        assert chosen_backend(op, x) == "torch"
+    with pytest.warns(validation.UnvalidatedGPUWarning, match=f"mocked {name}"):
+        for op in (*REAL_OPS, TENSOR_CORE_OP):
+            assert chosen_backend(op, x) == "torch"
     reasons = dispatch.BACKENDS["triton"].not_supported_reasons(TENSOR_CORE_OP, x, explicit=False)
-    assert dispatch.BACKENDS["triton"].auto_gate in reasons
     assert any("needs compute capability 8.0" in r for r in reasons) == (name in BELOW_SM80)
+    assert any("no validation record for the triton backend" in r for r in reasons) == (name not in BELOW_SM80)
 
 
 def test_conv_bn_act_registered_with_tensor_cores_moves_off_triton_below_sm80(gpu, tensor_core_op, validated,

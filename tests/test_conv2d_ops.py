@@ -389,9 +389,9 @@ def test_fused_training_block_matches_torchvision_in_float64(blocks, stride, mon
             torch.testing.assert_close(buf, ref, rtol=1e-12, atol=1e-12, msg=f"step {step}: {name}")
 
 
-def test_fused_training_is_opt_in_and_not_in_the_state_dict():
+def test_fused_training_follows_measurements_by_default_and_is_not_in_the_state_dict():
     tv_block, block = _block_pair(tv_resnet.Bottleneck, Bottleneck, 2)
-    assert Bottleneck.fused_training is False
+    assert Bottleneck.fused_training is None  # resnet_fast.nn.fused_training_defaults decides
     assert set(block.state_dict()) == set(tv_block.state_dict())
     assert enable_fused_training(block, False) == 1 and block.fused_training is False
 

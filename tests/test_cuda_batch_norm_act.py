@@ -271,10 +271,26 @@ def test_stage_schemas():
     assert returns == ["sum_dy", "sum_dy_xhat"]
 
 
+def test_explicit_cuda_backend_trains_with_running_statistics(monkeypatch):
+    """set_backend("cuda") runs the running-statistics update too (it used to refuse it)."""
+    monkeypatch.setattr(BACKENDS["cuda"], "availability", lambda: [])
+    monkeypatch.setattr(BACKENDS["cuda"], "device_check", lambda x: [])
+    previous = get_backend()
+    set_backend("cuda")
+    try:
+        running_mean, running_var = torch.zeros(3), torch.ones(3)
+        x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+        resnet_fast.ops.batch_norm_act(x, None, None, running_mean, running_var, momentum=0.5)
+    finally:
+        set_backend(previous)
+    torch.testing.assert_close(running_mean, 0.5 * x.mean(dim=(0, 2, 3)).float())
+
+
 def test_cuda_backend_implements_the_batch_norm_family():
     for op in BACKEND_OPS:
         assert BACKENDS["cuda"].kernels[op] is getattr(stages, op)
-    assert "update_running_stats" not in BACKENDS["cuda"].kernels  # stays on the torch backend
+    # the torch function serves the running-statistics update (a C-element op)
+    assert BACKENDS["cuda"].kernels["update_running_stats"] is BACKENDS["torch"].kernels["update_running_stats"]
     if not torch.cuda.is_available():
         reasons = BACKENDS["cuda"].not_supported_reasons("batch_norm_act", torch.ones(2, 3, 1, 1))
         assert any("not on a CUDA device" in r for r in reasons)
@@ -533,7 +549,8 @@ def test_conv_module_matches_float64_reference(cuda_backend, dtype, layout, trai
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", [(3, 4, 5, 6), (16, 8, 24, 24), (4, 10, 1, 1)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(3, 4, 5, 6), (16, 8, 24, 24), (4, 10, 1, 1), (3, 12, 14, 14)],
+                         ids=lambda s: "x".join(map(str, s)))
 def test_cuda_stage_ops_match_default_implementation(cuda_backend, dtype, layout, shape):
     """Each CUDA stage kernel against the float64 math, as the CPU defaults are tested."""
     t = _stage_inputs(shape, dtype, layout, device="cuda")
@@ -557,6 +574,46 @@ def test_cuda_stage_ops_match_default_implementation(cuda_backend, dtype, layout
                                                sum_dy_xhat, training, 1e-5, relu)
             _assert_rounding_close(gi, ref_gi, dtype, "grad_input")
             assert torch.equal(gr.double(), ref_gr)
+
+
+def _kernel_names(fn) -> list[str]:
+    """Names of the CUDA kernels that ``fn()`` launches (torch.profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [event.name for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout,shape,width", [
+    ("nchw", (3, 8, 14, 14), 4),            # H*W = 196: 8-byte loads instead of 2-byte ones
+    ("channels_last", (3, 12, 5, 5), 4),    # C = 12
+    ("nchw", (3, 8, 16, 16), 8),
+    ("nchw", (3, 8, 7, 7), 1),
+])
+def test_stage_kernels_load_width(cuda_backend, dtype, layout, shape, width):
+    """Each stage kernel takes the widest loads the extent allows, and stays exact there."""
+    t = _stage_inputs(shape, dtype, layout, device="cuda")
+    kind = "nchw" if layout == "nchw" else "nhwc"
+    element = "c10::Half" if dtype == torch.float16 else "c10::BFloat16"
+    o = t["out"]
+    results = {}
+    names = _kernel_names(lambda: results.update(
+        out=APPLY(t["x"], t["mean"], t["var"], t["weight"], t["bias"], t["residual"], 1e-5, True),
+        sums=REDUCE(t["grad_out"], t["x"], t["mean"], t["var"], o, 1e-5, True)))
+    names += _kernel_names(lambda: results.update(
+        grads=BACKWARD_APPLY(t["grad_out"], t["x"], t["weight"], t["mean"], t["var"], o, *results["sums"], True,
+                             1e-5, True, True)))
+    for kernel in ("apply", "reduce", "backward"):
+        expected = f"{kernel}_{kind}_kernel<{element}, {element}, {width}>"
+        assert any(expected in name for name in names), (expected, names)
+    _assert_rounding_close(results["out"], _apply64(t["x"], t["mean"], t["var"], t["weight"], t["bias"],
+                                                    t["residual"], 1e-5, True), dtype, "out")
+    ref_gi, ref_gr = _backward_apply64(t["grad_out"], t["x"], t["weight"], t["mean"], t["var"], o,
+                                       *results["sums"], True, 1e-5, True)
+    _assert_rounding_close(results["grads"][0], ref_gi, dtype, "grad_input")
+    assert torch.equal(results["grads"][1].double(), ref_gr)
 
 
 @pytest.mark.gpu

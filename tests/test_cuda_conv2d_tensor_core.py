@@ -5,7 +5,11 @@ errors), the capability rule that sends ``conv2d_stats`` to it, and that routing
 ``conv2d_cuda.conv2d_stats``. GPU (marked): the CUDA kernel against float64 on every kind
 of ResNet convolution (stem 7x7/2 with 3 channels, 3x3/1, 3x3/2, 1x1/1, 1x1/2; partial
 tiles; channel counts that are not multiples of 8; misaligned and NCHW inputs; NaN), and
-``conv2d_stats`` with its gradients on the cuda backend with the device reported as sm_75.
+``conv2d_stats`` with its gradients on the cuda backend with the device reported as sm_75;
+tiles whose second half of rows (the epilogue stages 64 rows at a time) is partly valid
+or empty; the output-size and int-range errors of the C++ launcher; per-channel views at
+odd offsets. (The launcher's size checks and the main loop's depth walk are also tested on
+the CPU: tests/test_cuda_conv2d_geometry.py.)
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ SHAPES = {
     "1x1s1": (4, 64, 32, 9, 9, 1, 1, 0, 1),         # M = 324: three row tiles
     "3x3d2": (2, 16, 16, 8, 8, 3, 1, 2, 2),         # dilation
     "c12": (1, 12, 8, 3, 5, 3, 1, 1, 1),            # C_in % 8 != 0, M = 15
+    # The epilogue stages the 128-row tile in two halves of 64 rows:
+    "m100": (1, 32, 64, 10, 10, 3, 1, 1, 1),       # second half partly valid (36 rows)
+    "m64": (1, 24, 16, 8, 8, 3, 1, 1, 1),          # second half empty
+    "m192": (3, 8, 72, 8, 8, 1, 1, 0, 1),          # a full tile, then a first half alone
 }
 # (prologue relu: None = no prologue, bias, residual, relu, stats)
 MODES = {
@@ -213,6 +221,47 @@ def test_kernel_propagates_nan(mode):
     assert torch.equal(torch.isnan(out.cpu()), torch.isnan(ref.cpu()))
     if args[-1]:
         assert torch.isnan(mean).any() and torch.isnan(var).any()
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_kernel_rejects_an_output_span_below_zero():
+    """H + 2p - d(R-1) - 1 = -1 at stride 2: an error with the Python check's words, not 1 row."""
+    args = list(_case("3x3s1", "conv", "cuda"))
+    args[0] = args[0][:, :, :2].contiguous(memory_format=torch.channels_last)  # H = 2, 3x3 kernel
+    args[6], args[7] = [2, 2], [0, 1]
+    cpu_args = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
+    with pytest.raises(ValueError) as cpu_error:
+        op(*cpu_args)
+    with pytest.raises(ValueError) as cuda_error:
+        op(*args)
+    assert str(cpu_error.value) in str(cuda_error.value)
+    assert "input spatial size (2, 8) is too small" in str(cuda_error.value)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_kernel_rejects_values_it_cannot_narrow_to_int():
+    args = list(_case("3x3s1", "conv", "cuda"))
+    args[6] = [2**32 + 1, 1]  # an int cast would make it stride 1
+    with pytest.raises(ValueError, match=r"stride must be in \[1, 2147483647\]"):
+        op(*args)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("mode", ["bias_residual_relu", "prologue_relu_stats"])
+def test_kernel_takes_per_channel_views_at_odd_offsets(mode):
+    """Bias, prologue scale and shift one float past a 16-byte boundary (the kernel reads
+    them as 16-byte vectors: the launcher copies such views)."""
+    args = list(_case("3x3s1", mode, "cuda"))
+    for i in (2, 4, 5):
+        if args[i] is not None:
+            padded = torch.empty(args[i].numel() + 1, dtype=args[i].dtype, device="cuda")
+            padded[1:] = args[i]
+            args[i] = padded[1:]
+            assert args[i].data_ptr() % 16 != 0
+    _check_against_float64(args, op(*args))
 
 
 @pytest.mark.gpu

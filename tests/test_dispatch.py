@@ -9,8 +9,10 @@ import sys
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import resnet_fast
+from resnet_fast import validation
 from resnet_fast.ops import dispatch
 
 
@@ -115,14 +117,25 @@ def test_triton_backend_refuses_float64_with_a_reason():
 
 @pytest.mark.parametrize("name", ["cuda", "triton"])
 def test_unvalidated_gpu_backends_are_explicit_only(name, monkeypatch):
-    """auto skips a backend with an auto_gate (kernels not yet GPU-validated); explicit choice works."""
+    """auto skips a GPU backend whose validation lookup gives a reason; explicit choice works."""
     backend = dispatch.BACKENDS[name]
-    assert backend.auto_gate and f"set_backend('{name}')" in backend.auto_gate
     monkeypatch.setattr(backend, "availability", lambda: [])
     monkeypatch.setattr(backend, "device_check", lambda x: [])
     monkeypatch.setitem(backend.kernels, "probe_op", lambda: name)
-    x = torch.zeros(1)
-    assert backend.auto_gate in backend.not_supported_reasons("probe_op", x, explicit=False)
+    asked = []
+
+    def no_record(backend_name, device):
+        asked.append((backend_name, device))
+        return f"no validation record for the {backend_name} backend"
+
+    monkeypatch.setattr(validation, "auto_reason", no_record)
+    with FakeTensorMode():
+        x = torch.empty(1, device="cuda")
+    assert backend.not_supported_reasons("probe_op", x, explicit=False) == [
+        f"no validation record for the {name} backend"]
     assert backend.not_supported_reasons("probe_op", x, explicit=True) == []
-    info = resnet_fast.backend_info()[name]
-    assert info["auto"] is False and info["auto_gate"] == backend.auto_gate
+    assert asked == [(name, x.device)]
+    # CPU tensors never reach the validation lookup (auto keeps them off GPU backends anyway)
+    assert "auto sends only CUDA tensors to GPU backends" in backend.not_supported_reasons(
+        "probe_op", torch.zeros(1), explicit=False)
+    assert len(asked) == 1

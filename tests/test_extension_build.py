@@ -189,3 +189,101 @@ def test_shared_object_has_sm75_code():
         if elves == {f"sm_{major}{minor}"}:
             pytest.skip(f"built for this GPU only ({sorted(elves)})")
     assert "sm_75" in elves, out.stdout
+
+
+# ---------------------------------------------------------------------------------------
+# (d) build_info(): what the extension says about its own build
+
+
+def test_source_fingerprint_covers_names_and_contents(tmp_path):
+    (tmp_path / "a.cu").write_text("kernel a\n")
+    (tmp_path / "b.cuh").write_text("header b\n")
+    first = _build.source_fingerprint(tmp_path)
+    assert re.fullmatch(r"[0-9a-f]{64}", first)
+    assert _build.source_fingerprint(tmp_path) == first
+    (tmp_path / "b.cuh").write_text("header b changed\n")
+    changed = _build.source_fingerprint(tmp_path)
+    assert changed != first
+    (tmp_path / "b.cuh").rename(tmp_path / "c.cuh")
+    assert _build.source_fingerprint(tmp_path) not in (first, changed)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "d.h").write_text("")
+    assert len({first, changed, _build.source_fingerprint(tmp_path)}) == 3
+    # the boundary between two files counts: "ab" + "c" is not "a" + "bc"
+    left, right = tmp_path / "left", tmp_path / "right"
+    for folder, (x, y) in ((left, ("ab", "c")), (right, ("a", "bc"))):
+        folder.mkdir()
+        (folder / "1").write_text(x)
+        (folder / "2").write_text(y)
+    assert _build.source_fingerprint(left) != _build.source_fingerprint(right)
+
+
+def test_arch_names_drop_ptx_and_duplicates():
+    assert _build.arch_names("7.5;8.0;8.6;9.0+PTX") == ["7.5", "8.0", "8.6", "9.0"]
+    assert _build.arch_names(" 8.0 9.0+PTX 8.0 ") == ["8.0", "9.0"]
+    assert _build.arch_names(_build.cuda_arch_list((12, 6), None)) == ["7.0", "7.5", "8.0", "8.6", "9.0"]
+
+
+def test_build_info_defines_are_cpp_literals():
+    defines = _build.build_info_defines(["7.5", "9.0"], "13.0", "2.9.0+cu130", "ab" * 32,
+                                        ["-O3", '-DX="y"', "a\\b"])
+    assert defines == [
+        '-DRESNET_FAST_ARCHITECTURES={"7.5","9.0"}',
+        '-DRESNET_FAST_CUDA_VERSION="13.0"',
+        '-DRESNET_FAST_TORCH_VERSION="2.9.0+cu130"',
+        f'-DRESNET_FAST_SOURCE_FINGERPRINT="{"ab" * 32}"',
+        '-DRESNET_FAST_BUILD_FLAGS={"-O3","-DX=\\"y\\"","a\\\\b"}',
+    ]
+
+
+def test_build_info_is_none_without_the_extension(monkeypatch):
+    from resnet_fast import _extension
+
+    monkeypatch.setattr(_extension, "extension_load_error", lambda: "not built here")
+    _extension._reported_build_info.cache_clear()
+    try:
+        assert _extension.build_info() is None
+    finally:
+        _extension._reported_build_info.cache_clear()
+
+
+def test_build_info_describes_this_build():
+    """The built extension reports the architectures it has GPU code for, and the
+    fingerprint of the csrc/ it was compiled from (stale after an edit without a rebuild)."""
+    path = _need_extension()
+    from resnet_fast._extension import build_info
+
+    info = build_info()
+    assert info is not None, "resnet_fast._C has no build_info(): rebuild it"
+    assert set(info) == {"architectures", "cuda_version", "torch_version", "source_fingerprint", "build_flags"}
+    assert info["source_fingerprint"] == _build.source_fingerprint(ROOT / "csrc"), (
+        "resnet_fast._C was built from other sources than csrc/ holds now: rebuild it")
+    assert info["torch_version"] == torch.__version__
+    assert re.fullmatch(r"\d+\.\d+", info["cuda_version"])
+    nvcc = _build.find_nvcc(_build.find_cuda_home())
+    if nvcc is not None:
+        assert info["cuda_version"] == "%d.%d" % _build.nvcc_version(nvcc)
+    assert info["build_flags"] and all(isinstance(flag, str) for flag in info["build_flags"])
+    architectures = info["architectures"]
+    assert architectures and all(re.fullmatch(r"\d+\.\d+", a) for a in architectures), architectures
+    # exactly the GPU code in the shared object
+    cuobjdump = _find_cuobjdump()
+    if cuobjdump is None:
+        if EXPECT_EXT:
+            pytest.fail("cuobjdump not found (looked on PATH, in CUDA_HOME/bin and in triton)")
+        pytest.skip("cuobjdump not found")
+    out = subprocess.run([cuobjdump, "--list-elf", str(path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    elves = set(re.findall(r"sm_(\d+)a?\b", out.stdout))
+    assert elves == {a.replace(".", "") for a in architectures}, (architectures, out.stdout)
+    # a new dict each call
+    info["architectures"].append("0.0")
+    assert "0.0" not in build_info()["architectures"]
+
+
+def test_validation_hashes_csrc_as_the_build_does():
+    """Without build_info(), validation records fingerprint csrc/ themselves: the same hash
+    setup.py compiles in, so a record made either way matches the other."""
+    from resnet_fast import validation
+
+    assert validation.csrc_fingerprint(ROOT / "csrc") == _build.source_fingerprint(ROOT / "csrc")

@@ -6,13 +6,15 @@ mode each pair is one ``resnet_fast::conv2d_bias_act`` with the BatchNorm folded
 convolution (cached; see :mod:`resnet_fast.nn.conv_bn_act`): one kernel per convolution,
 the last with the residual add and ReLU in its epilogue, the downsample without ReLU.
 
-Opt-in training pattern (``block.fused_training = True``, or :func:`enable_fused_training`
-on a whole model): each convolution runs as ``resnet_fast::conv2d_stats``, whose epilogue
-gives its BatchNorm's batch statistics, and the next convolution applies that BatchNorm
-and the ReLU in its prologue, so the normalised activations inside the block are never
-written (nor saved: backward recomputes them). The last BatchNorm, the residual add and
-the ReLU are one ``resnet_fast::scale_shift_act`` (one pass forward, two backward, by the
-BatchNorm stage kernels on CUDA), the shortcut's BatchNorm another. Blocks whose layers do
+Fused training pattern (``block.fused_training = True``, or :func:`enable_fused_training`
+on a whole model; by default only where measured faster, see
+:mod:`resnet_fast.nn.fused_training_defaults`): each convolution runs as
+``resnet_fast::conv2d_stats``, whose epilogue gives its BatchNorm's batch statistics, and
+the next convolution applies that BatchNorm and the ReLU in its prologue, so the normalised
+activations inside the block are never written (nor saved: backward recomputes them). The
+last BatchNorm, the residual add and the ReLU are one ``resnet_fast::scale_shift_act`` (one
+pass forward, two backward, by the BatchNorm stage kernels on CUDA), the shortcut's
+BatchNorm another. Blocks whose layers do
 not qualify (:func:`~resnet_fast.nn.conv_bn_act.is_stats_fusable`) run as before.
 """
 
@@ -29,6 +31,7 @@ from resnet_fast.nn.conv_bn_act import (
     is_fusable,
     is_stats_fusable,
 )
+from resnet_fast.nn.fused_training_defaults import trains_fused
 from resnet_fast.ops.scale_shift_act import scale_shift_act
 
 
@@ -61,8 +64,9 @@ def _fused_training_shortcut(downsample: nn.Module | None) -> bool:
 
 def fused_training_forward(block: nn.Module, pairs: list[tuple[nn.Module, nn.Module]], x: Tensor) -> Tensor | None:
     """The block as conv2d_stats calls chained through BatchNorm+ReLU prologues, or None
-    when ``block`` is not in training mode with ``fused_training`` set or a layer does not qualify."""
-    if not (block.training and getattr(block, "fused_training", False)):
+    when ``block`` is not in training mode with ``fused_training`` on (or, for None, chosen by
+    measurement) or a layer does not qualify."""
+    if not (block.training and trains_fused(getattr(block, "fused_training", None), x)):
         return None
     if not (all(is_stats_fusable(conv, bn) for conv, bn in pairs) and _fused_training_shortcut(block.downsample)):
         return None
@@ -77,8 +81,9 @@ def fused_training_forward(block: nn.Module, pairs: list[tuple[nn.Module, nn.Mod
     return scale_shift_act(y, scale, shift, residual=identity, relu=True)
 
 
-def enable_fused_training(model: nn.Module, enabled: bool = True) -> int:
-    """Set ``fused_training`` on every :class:`BasicBlock` / :class:`Bottleneck` of ``model``;
+def enable_fused_training(model: nn.Module, enabled: bool | None = True) -> int:
+    """Set ``fused_training`` on every :class:`BasicBlock` / :class:`Bottleneck` of ``model``
+    (True forces the fused pattern, False the default one, None follows the measurements);
     returns how many blocks were set."""
     blocks = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck))]
     for block in blocks:
@@ -107,12 +112,13 @@ def _empty(cls: type[nn.Module]) -> nn.Module:
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with a shortcut: torchvision's ``BasicBlock``, fused.
 
-    ``fused_training`` (default False; not in the state dict): train with the
-    statistics-epilogue / BatchNorm-prologue pattern (module docstring).
+    ``fused_training`` (not in the state dict): True trains with the statistics-epilogue /
+    BatchNorm-prologue pattern (module docstring), False without; the default None does so
+    where it was measured faster (:mod:`resnet_fast.nn.fused_training_defaults`).
     """
 
     expansion: int = 1
-    fused_training: bool = False
+    fused_training: bool | None = None
 
     def __init__(
         self,
@@ -160,7 +166,7 @@ class Bottleneck(nn.Module):
     """
 
     expansion: int = 4
-    fused_training: bool = False
+    fused_training: bool | None = None
 
     def __init__(
         self,

@@ -29,7 +29,8 @@ operators trace under torch.compile and pass ``torch.library.opcheck``.
 
 The backend functions registered here (``batch_norm_act``, ``batch_norm_act_backward``,
 ``conv_bn_act``) have exactly the ``torch`` backend's signatures; the running-statistics
-update stays on the ``torch`` backend (a C-element operation).
+update is the ``torch`` backend's function (a C-element operation), registered here too so
+that ``set_backend("cuda")`` trains with running statistics.
 """
 
 from __future__ import annotations
@@ -296,3 +297,8 @@ def conv_bn_act(
     out, mean, var = batch_norm_act(conv_out, weight, bias, residual, running_mean, running_var,
                                     training, eps, relu)
     return out, conv_out, mean, var
+
+
+# The running-statistics update is a C-element op with no kernel worth writing: the torch
+# implementation serves, so an explicit "cuda" choice trains whole modules (as "triton").
+register_kernel("cuda", "update_running_stats")(reference.update_running_stats)

@@ -10,9 +10,10 @@ Every operator has up to three implementations ("backends"):
 Each backend answers :meth:`Backend.not_supported_reasons` for a given operator and
 input; ``auto`` picks the first backend (in the order ``cuda``, ``triton``, ``torch``)
 that has no reason to refuse, and an explicitly chosen backend that cannot take a call
-raises :class:`BackendUnavailableError` listing its reasons. A backend whose kernels
-have not yet passed the GPU test suite carries an ``auto_gate`` reason: ``auto`` skips it
-(correctness first) and an explicit choice still selects it. Triton's CPU interpreter
+raises :class:`BackendUnavailableError` listing its reasons. ``auto`` takes a GPU backend
+on a device only where a validation record proves its kernels there
+(:func:`resnet_fast.validation.auto_reason`, from ``python -m resnet_fast.check``); an
+explicit choice still selects it. Triton's CPU interpreter
 (``TRITON_INTERPRET=1``) is a testing tool: only an explicit ``triton`` choice sends CPU
 tensors to it, never ``auto``.
 
@@ -40,6 +41,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+from resnet_fast import validation
 
 BACKEND_NAMES = ("cuda", "triton", "torch")
 _CHOICES = ("auto", *BACKEND_NAMES)
@@ -112,7 +115,6 @@ class Backend:
     device_check: Callable[[torch.Tensor], list[str]]
     kernels: dict[str, Callable] = field(default_factory=dict)
     input_check: Callable[[torch.Tensor], list[str]] | None = None
-    auto_gate: str | None = None
     requirements: dict[str, CapabilityRequirement] = field(default_factory=dict)
     implementations: dict[str, Callable[[tuple[int, int] | None], str]] = field(default_factory=dict)
 
@@ -129,9 +131,10 @@ class Backend:
         """Why this backend cannot run ``op`` on ``example`` (empty list: it can).
 
         ``explicit=False`` (the ``auto`` choice) also refuses CPU tensors in a GPU backend
-        that could only run them through an interpreter, a backend behind an ``auto_gate``,
-        and a kernel on a GPU below its declared capability (an explicit choice runs that
-        one, see :func:`select_kernel`).
+        that could only run them through an interpreter, a GPU backend without a validation
+        record for the device (:func:`resnet_fast.validation.auto_reason`), and a kernel on a
+        GPU below its declared capability (an explicit choice runs that one, see
+        :func:`select_kernel`).
         """
         reasons = list(self.availability())
         if op not in self.kernels:
@@ -145,8 +148,10 @@ class Backend:
             capability = self.capability_reason(op, example)
             if not explicit and capability is not None:
                 reasons.append(capability)
-        if not explicit and self.auto_gate is not None:
-            reasons.append(self.auto_gate)
+        if not explicit and not reasons and self.name != "torch" and example is not None and example.is_cuda:
+            unvalidated = validation.auto_reason(self.name, example.device)
+            if unvalidated is not None:
+                reasons.append(unvalidated)
         return reasons
 
 
@@ -173,17 +178,9 @@ def _triton_device_check(x: torch.Tensor) -> list[str]:
     return [f"input is on {x.device.type}; Triton needs a CUDA device (or TRITON_INTERPRET=1)"]
 
 
-# Lifted for a backend once scripts/gpu_check.sh has passed on a GPU with its kernels.
-_NOT_YET_VALIDATED = (
-    "auto skips the {} backend until its kernels have passed the GPU tests "
-    "(scripts/gpu_check.sh); select it explicitly with set_backend('{}')"
-)
-
 BACKENDS: dict[str, Backend] = {
-    "cuda": Backend("cuda", _cuda_extension_reasons, _needs_cuda_tensor,
-                    auto_gate=_NOT_YET_VALIDATED.format("cuda", "cuda")),
-    "triton": Backend("triton", _triton_reasons, _triton_device_check,
-                      auto_gate=_NOT_YET_VALIDATED.format("triton", "triton")),
+    "cuda": Backend("cuda", _cuda_extension_reasons, _needs_cuda_tensor),
+    "triton": Backend("triton", _triton_reasons, _triton_device_check),
     "torch": Backend("torch", lambda: [], lambda x: []),
 }
 
@@ -272,12 +269,21 @@ def select_kernel(op: str, example: torch.Tensor) -> Callable:
     raise BackendUnavailableError(f"no resnet_fast backend implements {op}")  # torch always does
 
 
+def _validation_info(name: str) -> dict[str, dict]:
+    """Per visible CUDA device, the record enabling backend ``name`` there or why none does."""
+    if name == "torch" or not torch.cuda.is_available():
+        return {}
+    return {f"cuda:{i}": validation.describe(name, torch.device("cuda", i)) for i in range(torch.cuda.device_count())}
+
+
 def backend_info() -> dict[str, dict]:
     """What each backend can do on this machine, and why not.
 
     Returns a dict keyed by backend name, each with ``available`` (the backend can run
     here at all), ``reasons`` (why not), ``operators`` (the operators it implements),
-    ``auto`` (whether ``auto`` may choose it, and if not ``auto_gate`` says why),
+    ``auto`` (whether ``auto`` may choose it on the current GPU), ``validation`` (per CUDA
+    device: ``record``, the validation record that enables it there, or ``reason``, why none
+    does; see :mod:`resnet_fast.validation`),
     ``requirements`` (operator -> "needs compute capability X.Y or newer: why") and
     ``capability_reasons`` (operator -> why ``auto`` skips it on the current GPU, for the
     operators whose requirement that GPU misses), ``implementations`` (operator -> what runs
@@ -298,8 +304,8 @@ def backend_info() -> dict[str, dict]:
             "available": not reasons,
             "reasons": reasons,
             "operators": sorted(backend.kernels),
-            "auto": backend.auto_gate is None,
-            "auto_gate": backend.auto_gate,
+            "auto": name == "torch" or (gpu and validation.enabling_record(name, device) is not None),
+            "validation": _validation_info(name),
             "requirements": {
                 op: "needs compute capability %d.%d or newer: %s" % (*req.min_capability, req.why)
                 for op, req in sorted(backend.requirements.items())
