@@ -19,7 +19,8 @@ the deadline; the shares add up to one):
    and eager from the same seed (curves and held-out accuracy);
 5. ``headline``: the profiler on ResNet-50 bf16 (eager, the default native path, triton,
    cuda, fused training on each), then fp16, then small batches (ResNet-50 at 32,
-   ResNet-20 at 128) with and without CUDA graphs, then ``torch.compile``; autotuning on;
+   ResNet-20 at 128) with and without CUDA graphs, then ``torch.compile``, then ResNet-18
+   and ResNet-56 if time remains; autotuning on;
 6. ``primitives``: BN+ReLU and BN+add+ReLU at 256x256x56x56 bf16 NHWC against the copy
    bandwidth floor, eager and compile beside (the benchmark suite);
 7. ``gpu_tests``: the rest of the GPU-marked tests, with whatever time is left.
@@ -316,6 +317,9 @@ def headline_rows(ctx: CheckContext) -> list[dict[str, Any]]:
             plan += [(shape, first, v, "train", graphs) for v in ("eager", native[2], native[3], *fused)]
     if not ctx.dry_run:  # on the CPU the compilation alone would take minutes
         plan += [(big, first, "compile", "both", False)]
+        # if time remains: ResNet-18 and the CIFAR ResNet-56
+        plan += [(shape, first, v, "both", False) for shape in (("resnet18", 256, 224), ("resnet56", 128, 32))
+                 for v in ("eager", "resnet_fast:triton", "resnet_fast:cuda")]
     rows = []
     for (model, batch, size), dtype, variant, mode, graphs in plan:
         args = (f"--model {model} --batch {batch} --image-size {size} --dtype {dtype} --mode {mode} "
