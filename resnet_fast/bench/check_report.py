@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from resnet_fast.bench.results import DRY_RUN_LABEL, slug
+from resnet_fast.bench.results import DRY_RUN_LABEL, skips_by_reason, slug
 
 NO_MEASUREMENTS = """\
 # Benchmarks
@@ -75,9 +75,15 @@ produced it.
 """
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    align = ["---" if index < 2 else "---:" for index in range(len(headers))]
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int = 2) -> list[str]:
+    """A Markdown table: the first ``text_columns`` left-aligned, the numbers after them right-aligned."""
+    align = ["---" if index < text_columns else "---:" for index in range(len(headers))]
     return ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in (headers, align, *rows)]
+
+
+def _value(value: Any) -> str:
+    """A version or setting as text; n/a where it was not recorded."""
+    return "n/a" if value is None else str(value)
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -97,8 +103,8 @@ def provenance(document: dict[str, Any], name: str) -> str:
     """The line above every table: dry-run label, device, versions, command, document."""
     env, run = document["environment"], document["run"]
     label = f"**{DRY_RUN_LABEL}.** " if run.get("dry_run") else ""
-    return (f"_{label}{device_label(document)}; torch {env.get('torch', 'n/a')}, CUDA {env.get('cuda', 'n/a')}, "
-            f"cuDNN {env.get('cudnn', 'n/a')}, triton {env.get('triton', 'n/a')}; `{run.get('command', 'n/a')}` "
+    return (f"_{label}{device_label(document)}; torch {_value(env.get('torch'))}, CUDA {_value(env.get('cuda'))}, "
+            f"cuDNN {_value(env.get('cudnn'))}, triton {_value(env.get('triton'))}; `{run.get('command', 'n/a')}` "
             f"→ `{name}`_")
 
 
@@ -108,8 +114,8 @@ def environment_table(document: dict[str, Any], name: str) -> list[str]:
         ("date", str(run.get("started", "n/a"))),
         ("device", device_label(document)),
         ("nvidia-smi", str(env.get("nvidia_smi") or "n/a")),
-        ("torch / CUDA / cuDNN", f"{env.get('torch')} / {env.get('cuda')} / {env.get('cudnn')}"),
-        ("triton / torchvision / python", f"{env.get('triton')} / {env.get('torchvision')} / {env.get('python')}"),
+        ("torch / CUDA / cuDNN", " / ".join(_value(env.get(k)) for k in ("torch", "cuda", "cudnn"))),
+        ("triton / torchvision / python", " / ".join(_value(env.get(k)) for k in ("triton", "torchvision", "python"))),
         ("extension", str(env.get("extension", "n/a"))),
         ("command", f"`{run.get('command', 'n/a')}` (deadline {run.get('deadline_s', 'n/a')} s)"),
         ("results document", f"`{name}`"),
@@ -118,9 +124,9 @@ def environment_table(document: dict[str, Any], name: str) -> list[str]:
 
 
 def stages_table(document: dict[str, Any]) -> list[str]:
-    rows = [(s["stage"], s["status"], f"{s['seconds']:.0f}", f"{s['budget_s']:.0f}", s.get("reason") or "")
+    rows = [(s["stage"], s["status"], s.get("reason") or "", f"{s['seconds']:.0f}", f"{s['budget_s']:.0f}")
             for s in document["stages"] if "task" not in s]
-    return _table(["stage", "status", "seconds", "budget (s)", "note"], rows)
+    return _table(["stage", "status", "note", "seconds", "budget (s)"], rows, text_columns=3)
 
 
 def throughput_tables(document: dict[str, Any]) -> list[str]:
@@ -147,10 +153,11 @@ def primitives_table(document: dict[str, Any]) -> list[str]:
 
 
 def parity_table(document: dict[str, Any]) -> list[str]:
-    rows = [(f"{c['model']} {c['dtype']}", c["variant"], c["quantity"], f"{c['error']:.3g}", f"{c['eager_error']:.3g}",
-             f"{c['tolerance']:.3g}", c["outcome"])
+    rows = [(f"{c['model']} {c['dtype']}", c["variant"], c["quantity"], c["outcome"], f"{c['error']:.3g}",
+             f"{c['eager_error']:.3g}", f"{c['tolerance']:.3g}")
             for c in document["checks"] if c.get("stage") == "model_parity" and "eager_error" in c]
-    return _table(["model", "variant", "quantity", "error", "eager error", "tolerance", "result"], rows) if rows else []
+    return _table(["model", "variant", "quantity", "result", "error", "eager error", "tolerance"], rows,
+                  text_columns=4) if rows else []
 
 
 def convergence_table(document: dict[str, Any]) -> list[str]:
@@ -168,7 +175,7 @@ def checks_summary(document: dict[str, Any]) -> list[str]:
     stages = list(dict.fromkeys(c.get("stage", "-") for c in checks))
     rows = [(stage, *(str(sum(c.get("stage", "-") == stage and c["outcome"] == o for c in checks)) for o in outcomes))
             for stage in stages]
-    lines = _table(["stage", *outcomes], rows)
+    lines = _table(["stage", *outcomes], rows, text_columns=1)
     failures = [c for c in checks if c["outcome"] in ("failed", "error")]
     if failures:
         lines += ["", "Failures:", ""]
@@ -179,13 +186,7 @@ def checks_summary(document: dict[str, Any]) -> list[str]:
 
 
 def skipped_list(document: dict[str, Any]) -> list[str]:
-    reasons: dict[str, list[str]] = {}
-    for s in document["skipped"]:
-        reasons.setdefault(s["reason"], [])
-        label = s.get("variant", "?")
-        if label not in reasons[s["reason"]]:
-            reasons[s["reason"]].append(label)
-    return [f"- {', '.join(variants)}: {reason}" for reason, variants in reasons.items()]
+    return [f"- {', '.join(variants)}: {reason}" for reason, variants in skips_by_reason(document["skipped"]).items()]
 
 
 # ---------------------------------------------------------------------------------------

@@ -76,6 +76,7 @@ from resnet_fast.bench.results import (
     assemble,
     document_name,
     read_records,
+    skips_by_reason,
     write_document,
 )
 
@@ -585,8 +586,6 @@ def summary_lines(stage: Stage, stage_record: dict[str, Any], records: list[dict
             lines.append(f"- {r['bench']} {r['case']} {r['variant']}: {r['median_ms']:.3f} ms, {multiple}")
         elif r["type"] == "measurement" and r["kind"] == "build":
             lines.append(f"- build: {r['seconds']:.0f} s ({r['command']})")
-        elif r["type"] == "skip":
-            lines.append(f"- skipped {r.get('variant', '')}: {r['reason']}")
         elif r["type"] == "curve":
             lines.append(f"- digits {r['variant']}: held-out accuracy per epoch "
                          + ", ".join(f"{a:.3f}" for a in r["heldout_accuracy"]))
@@ -597,6 +596,7 @@ def summary_lines(stage: Stage, stage_record: dict[str, Any], records: list[dict
             lines += [f"- self-check: {backend.get('verdict')}" for backend in r["report"].get("backends", {}).values()]
             lines.append(f"- {len(r['validation_records'])} validation record(s) kept in the results document: "
                          + (", ".join(r["validation_records"]) or "none"))
+    lines += [f"- skipped {', '.join(variants)}: {reason}" for reason, variants in skips_by_reason(records).items()]
     return lines + [""]
 
 

@@ -14,7 +14,7 @@ Each row names its ``kind`` (what else it holds):
 ``headline``
     one profiler run (:mod:`resnet_fast.bench.profiler`): model, batch, image size, dtype,
     one variant, modes, CUDA graphs, steps; a variant the profiler does not know is recorded
-    as ``skipped: variant not available``;
+    as skipped, ``variant not available``;
 ``parity``
     one training step of a model in a dtype on a backend, default or fused training
     (:func:`resnet_fast.bench.parity.step_parity`);
@@ -99,7 +99,7 @@ def headline_records(row: dict[str, Any]) -> Iterator[dict[str, Any]]:
         variant = parse_variant(row["variant"])
     except BenchConfigError as error:
         yield {"type": "skip", **conditions, "variant": row["variant"],
-               "reason": f"skipped: variant not available ({error})"}
+               "reason": f"variant not available ({error})"}
         return
     options = Options(model=row["model"], batch=row["batch"], image_size=row["image_size"], dtype=row["dtype"],
                       mode=row["mode"], compare=(variant,), steps=row["steps"], warmup=row["warmup"],

@@ -118,3 +118,14 @@ def load_document(path: Path) -> dict[str, Any] | None:
     if isinstance(data, dict) and data.get("format") == FORMAT:
         return data
     return None
+
+
+def skips_by_reason(records: Iterable[dict[str, Any]]) -> dict[str, list[str]]:
+    """The ``skip`` records' variants grouped by reason, each variant once, in order of appearance."""
+    grouped: dict[str, list[str]] = {}
+    for record in records:
+        if record.get("type") == "skip":
+            variants = grouped.setdefault(record["reason"], [])
+            if record.get("variant", "?") not in variants:
+                variants.append(record.get("variant", "?"))
+    return grouped
