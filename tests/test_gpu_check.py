@@ -325,3 +325,21 @@ def test_kernel_check_uses_the_self_check_where_it_exists(tmp_path, monkeypatch,
         assert set(gpu_check.KERNEL_TEST_FILES) <= set(task.argv)
         [rest] = gpu_check.plan_gpu_tests(ctx)
         assert {f"--ignore={path}" for path in gpu_check.KERNEL_TEST_FILES} <= set(rest.argv)
+
+
+def test_a_cuda_error_ends_the_worker_after_recording_its_row(tmp_path, monkeypatch):
+    from resnet_fast.bench import gpu_check_worker
+
+    def poisoned(row):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        yield  # a generator, like every kind
+
+    monkeypatch.setitem(gpu_check_worker.KINDS, "poisoned", poisoned)
+    out = tmp_path / "out.jsonl"
+    rows = [{"row": 0, "kind": "poisoned", "name": "first"}, {"row": 1, "kind": "poisoned", "name": "second"}]
+    with pytest.raises(SystemExit) as exit_:
+        gpu_check_worker.run_rows(rows, out)
+    assert exit_.value.code == gpu_check_worker.EXIT_RESTART
+    records = read_records(out)
+    assert [(r["type"], r["row"]) for r in records] == [("check", 0), ("row_done", 0)]
+    assert records[0]["outcome"] == "error" and "illegal memory access" in records[0]["message"]

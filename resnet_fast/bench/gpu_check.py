@@ -70,6 +70,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from resnet_fast.bench.gpu_check_worker import EXIT_RESTART, ROW_DONE
 from resnet_fast.bench.results import (
     DRY_RUN_LABEL,
     append_record,
@@ -86,7 +87,6 @@ KILL_GRACE_S = 3.0  # between SIGTERM and SIGKILL of a process group
 POLL_S = 0.2
 # Correctness stages use one fixed tile configuration per shape (no autotuning); timing stages autotune.
 CORRECTNESS_ENV = {"RESNET_FAST_AUTOTUNE": "0"}
-ROW_DONE = "row_done"
 REPOSITORY = Path(__file__).resolve().parents[2]
 
 KERNEL_TEST_FILES = (
@@ -501,6 +501,8 @@ class Runner:
                 time.sleep(POLL_S)
             if not remaining:
                 break
+            if ended_by is None and rc == EXIT_RESTART:  # the failing row was recorded; the others need a new worker
+                continue
             row = remaining.pop(0)
             why = (f"stopped at {ended_by}" if ended_by else f"the worker exited with status {rc}") + \
                   " during this row; see check.log"

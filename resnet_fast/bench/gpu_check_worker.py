@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 ROW_DONE = "row_done"
+EXIT_RESTART = 3  # a row hit a CUDA error: its records are written; start a new worker for the rows left
 
 
 def nvidia_smi() -> str | None:
@@ -227,7 +228,7 @@ def run_rows(rows: list[dict[str, Any]], out: Path) -> None:
 
     An exception in a row (other than an interrupt) becomes an ``error`` check record naming
     it; a CUDA error also ends the worker (the context cannot be trusted afterwards), and
-    the driver starts a new one for the rows left.
+    the driver starts a new one for the rows left (exit status :data:`EXIT_RESTART`).
     """
     for row in rows:
         records: list[dict[str, Any]] = []
@@ -246,7 +247,7 @@ def run_rows(rows: list[dict[str, Any]], out: Path) -> None:
                 stream.write(json.dumps({**record, "row": row["row"]}, default=str) + "\n")
             stream.write(json.dumps({"type": ROW_DONE, "row": row["row"]}) + "\n")
         if fatal:
-            sys.exit(3)
+            sys.exit(EXIT_RESTART)
 
 
 def main(argv: list[str] | None = None) -> int:
