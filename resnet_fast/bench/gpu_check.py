@@ -8,7 +8,8 @@ deadline it never overruns, its stages in order of value, each with a budget (a 
 the deadline; the shares add up to one):
 
 1. ``environment``: device, driver, versions (a worker process);
-2. ``build``: the extension for this GPU's architecture only, all cores, timed;
+2. ``build``: the extension for this GPU's architecture only, all cores, timed; then the
+   environment again, with the extension's ``build_info()``;
 3. ``kernel_check``: ``python -m resnet_fast.check --json`` where that command exists (a
    check record per case with its error and tolerance; the validation records it writes
    are kept in the document), else the GPU-marked kernel tests; fixed tile configurations
@@ -203,7 +204,10 @@ def plan_build(ctx: CheckContext) -> list[Task]:
                  "architectures": env.get("TORCH_CUDA_ARCH_LIST") or None, "command": shlex.join(argv),
                  "environment": env}]
 
-    return [Task("build", argv=argv, env=env, ingest=ingest, min_s=20 if not ctx.dry_run else 1)]
+    # The environment once more, from a fresh process: the extension as built (its build_info()).
+    probe = Task("environment_after_build", rows=({"kind": "environment", "name": "after the build"},),
+                 row_timeout_s=60)
+    return [Task("build", argv=argv, env=env, ingest=ingest, min_s=20 if not ctx.dry_run else 1), probe]
 
 
 def junit_records(path: Path) -> list[dict[str, Any]]:

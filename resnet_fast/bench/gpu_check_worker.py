@@ -62,7 +62,6 @@ def environment_records(row: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
     on_gpu = torch.cuda.is_available()
     capability = torch.cuda.get_device_capability() if on_gpu else None
-    build_info = getattr(_extension, "build_info", None)
     try:
         triton = importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:
@@ -85,7 +84,7 @@ def environment_records(row: dict[str, Any]) -> Iterator[dict[str, Any]]:
         "torchvision": torchvision.__version__,
         "resnet_fast": resnet_fast.__version__,
         "extension": _extension.extension_load_error() or "loaded",
-        "build_info": build_info() if build_info is not None else None,
+        "build_info": _extension.build_info(),
         "backends": resnet_fast.backend_info(),
     }
 
