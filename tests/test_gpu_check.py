@@ -343,3 +343,10 @@ def test_a_cuda_error_ends_the_worker_after_recording_its_row(tmp_path, monkeypa
     records = read_records(out)
     assert [(r["type"], r["row"]) for r in records] == [("check", 0), ("row_done", 0)]
     assert records[0]["outcome"] == "error" and "illegal memory access" in records[0]["message"]
+
+
+def test_primitives_time_the_fused_backends_before_compile_on_a_gpu(tmp_path):
+    fused, compiled = gpu_check.plan_primitives(gpu_context(tmp_path))
+    for task in (fused, compiled):
+        assert "benchmarks/bench_batch_norm_act.py" in task.argv and "256x256x56x56" in " ".join(task.argv)
+    assert "not compile" in " ".join(fused.argv) and "and compile" in " ".join(compiled.argv)

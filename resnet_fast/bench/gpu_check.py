@@ -357,13 +357,22 @@ def primitive_records(path: Path) -> list[dict[str, Any]]:
 
 
 def plan_primitives(ctx: CheckContext) -> list[Task]:
-    """BN+ReLU and BN+add+ReLU at ResNet-50's 256x56x56 activation (fwd and fwd+bwd) against the floor."""
-    output = ctx.work / "primitives.json"
-    selection = (["-m", "not gpu"] if ctx.dry_run
-                 else ["-m", "gpu", "-k", "bf16-nhwc and 256x256x56x56 and (fwd or train)"])
-    argv = ctx.python_module("pytest", "benchmarks/bench_batch_norm_act.py", *selection, "-q", "-rs",
-                             "-p", "no:cacheprovider", "--benchmark-quiet", f"--benchmark-json={output}")
-    return [Task("bn_act_vs_floor", argv=argv, ingest=lambda: primitive_records(output), min_s=5)]
+    """BN+ReLU and BN+add+ReLU at ResNet-50's 256x56x56 activation (fwd and fwd+bwd) against the floor:
+    eager and resnet_fast's fused backends first, then torch.compile (its compiles are the slow part)."""
+    if ctx.dry_run:  # the suite's CPU smoke cases (it times no compile on the CPU)
+        selections = [("bn_act_vs_floor", "not gpu", "")]
+    else:
+        case = "bf16-nhwc and 256x256x56x56 and (fwd or train)"
+        selections = [("bn_act_vs_floor", "gpu", f"{case} and not compile and not rf_torch"),
+                      ("bn_act_compile", "gpu", f"{case} and compile")]
+    tasks = []
+    for name, marker, keyword in selections:
+        output = ctx.work / f"{name}.json"
+        argv = ctx.python_module("pytest", "benchmarks/bench_batch_norm_act.py", "-m", marker,
+                                 *(["-k", keyword] if keyword else []), "-q", "-rs", "-p", "no:cacheprovider",
+                                 "--benchmark-quiet", f"--benchmark-json={output}")
+        tasks.append(Task(name, argv=argv, ingest=lambda output=output: primitive_records(output), min_s=5))
+    return tasks
 
 
 def plan_gpu_tests(ctx: CheckContext) -> list[Task]:
