@@ -4,6 +4,7 @@ its results as data, and BENCHMARKS.md generated from them."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -350,3 +351,14 @@ def test_primitives_time_the_fused_backends_before_compile_on_a_gpu(tmp_path):
     for task in (fused, compiled):
         assert "benchmarks/bench_batch_norm_act.py" in task.argv and "256x256x56x56" in " ".join(task.argv)
     assert "not compile" in " ".join(fused.argv) and "and compile" in " ".join(compiled.argv)
+
+
+def test_the_script_is_a_thin_wrapper_of_the_driver(tmp_path):
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # the script runs python3: this one
+    result = subprocess.run(["bash", "scripts/gpu_check.sh", "--help"], cwd=REPOSITORY, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "OUT": str(tmp_path / "out"), "PATH": path})
+    assert result.returncode == 0, result.stderr
+    assert "--deadline" in result.stdout and "--dry-run" in result.stdout
+    header = (REPOSITORY / "scripts" / "gpu_check.sh").read_text()
+    assert 'run(command="bash scripts/gpu_check.sh", timeout_s=560)' in header
+    assert "python -m resnet_fast.bench.report benchmarks/results/*.json -o BENCHMARKS.md" in header
