@@ -6,7 +6,7 @@
 
 Operators live under ``torch.ops.resnet_fast``; :func:`set_backend` chooses their
 implementation (``auto``, ``cuda``, ``triton`` or ``torch``) and :func:`backend_info`
-says what this machine can run.
+says what this machine can run (``python -m resnet_fast.info`` prints it as tables).
 """
 
 from resnet_fast import nn, ops
@@ -24,12 +24,19 @@ from resnet_fast.models import (
     resnet152,
     resnet1202,
 )
-from resnet_fast.ops.dispatch import BackendUnavailableError, backend_info, get_backend, set_backend
+from resnet_fast.ops.dispatch import (
+    BackendUnavailableError,
+    BackendUnavailableWarning,
+    backend_info,
+    get_backend,
+    set_backend,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "BackendUnavailableWarning",
     "ConversionReport",
     "backend_info",
     "convert",

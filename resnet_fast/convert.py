@@ -21,6 +21,16 @@ What is converted:
   directly followed by an ``nn.ReLU`` — typically ``Conv2d → BatchNorm2d → ReLU`` —
   becomes ``BatchNormAct2d(relu=True) → nn.Identity``, so indices and state-dict keys
   stay the same.
+* timm's ResNet family (``timm.models.resnet``: ResNet/ResNeXt/SE-ResNet and their
+  -c/-d/-s/-t stems and avg-pool downsamples): each ``BasicBlock`` / ``Bottleneck``
+  becomes :class:`~resnet_fast.nn.timm_blocks.TimmBasicBlock` /
+  :class:`~resnet_fast.nn.timm_blocks.TimmBottleneck` around the same submodules, and the
+  stem's ``bn1`` + ``act1`` become ``BatchNormAct2d(relu=True)`` + ``nn.Identity``
+  (details in :mod:`resnet_fast.convert_timm`). What such a block must run unfused —
+  attention layers, active drop-path / DropBlock, activations other than ReLU, other
+  norms — runs exactly as in timm and is reported, one reason per kind.
+
+:func:`str` of the report groups identical changes and reasons (``53 x ...``).
 
 What is not (and is listed in :attr:`ConversionReport.skipped` with the reason):
 BatchNorms not followed by a ReLU, torch's ``SyncBatchNorm`` (for synchronized
@@ -74,17 +84,28 @@ class ConversionReport:
         return bool(self.converted)
 
     def __str__(self) -> str:
+        """A summary with one entry per kind of change or reason: ``count x type  detail``,
+        then the module paths it applies to (the first few when there are many)."""
         lines = [f"resnet_fast.convert: {len(self.converted)} module(s) converted, "
                  f"{len(self.skipped)} skipped"]
         for title, rows, arrow in (("converted", self.converted, "-> "), ("skipped", self.skipped, "")):
             if not rows:
                 continue
             lines.append(f"{title}:")
-            width_path = max(len(row[0]) for row in rows)
-            width_type = max(len(row[1]) for row in rows)
+            groups: dict[tuple[str, str], list[str]] = {}
             for path, kind, detail in rows:
-                lines.append(f"  {path:<{width_path}}  {kind:<{width_type}}  {arrow}{detail}")
+                groups.setdefault((kind, detail), []).append(path)
+            width_count = max(len(str(len(paths))) for paths in groups.values())
+            width_type = max(len(kind) for kind, _ in groups)
+            for (kind, detail), paths in groups.items():
+                lines.append(f"  {len(paths):>{width_count}} x {kind:<{width_type}}  {arrow}{detail}")
+                shown = ", ".join(paths[:_PATHS_SHOWN])
+                more = f", ... ({len(paths) - _PATHS_SHOWN} more)" if len(paths) > _PATHS_SHOWN else ""
+                lines.append(f"  {'':>{width_count}}   at {shown}{more}")
         return "\n".join(lines)
+
+
+_PATHS_SHOWN = 4  # module paths listed per group in ConversionReport's summary
 
 
 def _type_name(module_or_cls: nn.Module | type) -> str:
@@ -259,6 +280,8 @@ def _convert_children(module: nn.Module, prefix: str, report: ConversionReport, 
     handled: set[str] = set()
     if _is_torchvision_resnet(module):
         _convert_stem(module, prefix, report, handled)
+    elif convert_timm.is_timm_resnet(module):
+        convert_timm.convert_timm_stem(module, prefix, report, handled)
     if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
         _convert_sequential(module, prefix, report, handled)
     for name, child in list(module._modules.items()):
@@ -266,8 +289,15 @@ def _convert_children(module: nn.Module, prefix: str, report: ConversionReport, 
             continue
         path = _path(prefix, name)
         kind = _block_kind(child)
+        timm_type = convert_timm.timm_block_type(child)
         if kind is not None:
             setattr(module, name, _convert_block(child, kind, path, report))
+        elif timm_type is not None:
+            setattr(module, name, convert_timm.convert_timm_block(child, timm_type, path, report))
+        elif isinstance(child, convert_timm.FUSED_TIMM_BLOCKS):
+            if id(child) not in seen:
+                seen.add(id(child))
+                convert_timm.inspect_timm_block(child, path, report)
         elif isinstance(child, (BasicBlock, Bottleneck)):
             if id(child) not in seen:
                 seen.add(id(child))
@@ -300,10 +330,19 @@ def convert(model: nn.Module) -> tuple[nn.Module, ConversionReport]:
     kind = _block_kind(model)
     if kind is not None:
         return _convert_block(model, kind, "", report), report
-    if isinstance(model, (BasicBlock, Bottleneck)):
+    timm_type = convert_timm.timm_block_type(model)
+    if timm_type is not None:
+        return convert_timm.convert_timm_block(model, timm_type, "", report), report
+    if isinstance(model, convert_timm.FUSED_TIMM_BLOCKS):
+        convert_timm.inspect_timm_block(model, "", report)
+    elif isinstance(model, (BasicBlock, Bottleneck)):
         _inspect_fused_block(model, "", report)
     elif _is_batch_norm(model) and not isinstance(model, BatchNormAct2d):
         report.skipped.append((_display(""), _type_name(model), "a lone BatchNorm: nothing to fuse it with"))
     else:
         _convert_children(model, "", report, set())
     return model, report
+
+
+# timm's part of the conversion uses the helpers above, so it is imported after them.
+from resnet_fast import convert_timm  # noqa: E402

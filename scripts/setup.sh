@@ -39,4 +39,5 @@ else
   MAX_JOBS=${MAX_JOBS:-2} "${PIP[@]}" install -q --no-build-isolation -e ".[test]"
   echo "$stamp" >"$stamp_file"
 fi
-"$VENV/bin/python" -c "import resnet_fast, json; print('[setup] backends:', json.dumps({k: v.get('available') for k, v in resnet_fast.backend_info().items() if 'available' in v}))"
+# What was built and what can run here (the full report: python -m resnet_fast.info).
+"$VENV/bin/python" -m resnet_fast.info --short | sed 's/^/[setup] /'

@@ -7,4 +7,6 @@ bash scripts/setup.sh
 if command -v nvcc >/dev/null 2>&1 && [ "${RESNET_FAST_BUILD_CUDA:-}" != "0" ]; then
   export RESNET_FAST_EXPECT_CUDA_EXT=1
 fi
-exec "${VENV:-.venv}/bin/python" -m pytest tests -q -ra "$@"
+# -rfE: failures and errors in the short summary (their tracebacks print in full above it);
+# skips are summarised by tests/conftest.py, one line per reason.
+exec "${VENV:-.venv}/bin/python" -m pytest tests -q -rfE "$@"

@@ -59,10 +59,9 @@ def poisoned_empty(*args, **kwargs) -> torch.Tensor:
 TRITON_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-_in_interpreter_process = pytest.mark.skipif(
-    not TRITON_INTERPRETER, reason="runs in a fresh TRITON_INTERPRET=1 process (test_interpreter_run)")
-# Triton kernel tests: ``cpu`` only inside the interpreter process, ``cuda`` on a GPU.
-TRITON_DEVICES = [pytest.param("cpu", marks=_in_interpreter_process),
+# Triton kernel tests: ``cpu`` only inside the interpreter process (elsewhere deselected, see
+# pytest_collection_modifyitems: test_interpreter_run runs them), ``cuda`` on a GPU.
+TRITON_DEVICES = [pytest.param("cpu", marks=pytest.mark.triton_interpreter),
                   pytest.param("cuda", marks=[pytest.mark.gpu, requires_gpu])]
 
 
@@ -91,6 +90,11 @@ def import_kernel_module(name: str):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; run by scripts/gpu_check.sh")
+    config.addinivalue_line("markers", "triton_interpreter: a Triton kernel case on the CPU; runs only in the "
+                                       "TRITON_INTERPRET=1 process that its file's test_interpreter_run starts")
+    # Tests select the triton/cuda backend on machines that cannot run it to test what does
+    # not launch kernels; set_backend's warning is for users (test_backend_errors checks it).
+    config.addinivalue_line("filterwarnings", "ignore::resnet_fast.ops.dispatch.BackendUnavailableWarning")
 
 
 @pytest.fixture(autouse=True)
@@ -104,3 +108,59 @@ def isolated_validation_records(tmp_path_factory, monkeypatch):
     validation._warned_unvalidated.clear()
     yield
     validation.clear_cache()
+
+
+# ----------------------------------------------------------------------------- the summary
+# One line per kind of skip instead of one per test, and each Triton CPU case listed once:
+# outside the interpreter process it is deselected (its file's test_interpreter_run runs
+# and checks it), not reported as a skip beside the same case's CUDA skip.
+
+INTERPRETER_CASES_KEY = pytest.StashKey[int]()
+GPU_SKIP_HINT = "run scripts/gpu_check.sh on a GPU"
+
+
+def pytest_collection_modifyitems(config, items):
+    if TRITON_INTERPRETER:
+        return
+    keep, interpreted = [], []
+    for item in items:
+        (interpreted if item.get_closest_marker("triton_interpreter") else keep).append(item)
+    if interpreted:
+        config.hook.pytest_deselected(items=interpreted)
+        items[:] = keep
+    config.stash[INTERPRETER_CASES_KEY] = len(interpreted)
+
+
+def skip_reason(report) -> str:
+    """The reason of a skipped test's report, without pytest's ``Skipped: `` prefix."""
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+def grouped_skip_lines(reports) -> list[str]:
+    """``count kind skipped: reason`` per distinct reason, most frequent first; GPU-marked
+    tests are counted as GPU tests and told where they run."""
+    groups: dict[tuple[bool, str], int] = {}
+    for report in reports:
+        key = ("gpu" in getattr(report, "keywords", {}), skip_reason(report))
+        groups[key] = groups.get(key, 0) + 1
+    lines = []
+    for (gpu, reason), count in sorted(groups.items(), key=lambda entry: -entry[1]):
+        kind = "GPU test" if gpu else "test"
+        hint = f"; {GPU_SKIP_HINT}" if gpu and GPU_SKIP_HINT not in reason else ""
+        lines.append(f"{count:,} {kind}{'s' if count != 1 else ''} skipped: {reason}{hint}")
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    lines = grouped_skip_lines(terminalreporter.stats.get("skipped", []))
+    interpreted = config.stash.get(INTERPRETER_CASES_KEY, 0)
+    if interpreted:
+        lines.append(f"{interpreted:,} Triton CPU case{'s' if interpreted != 1 else ''} deselected here: each file's "
+                     "test_interpreter_run runs them in a fresh TRITON_INTERPRET=1 process (on a GPU the kernels "
+                     "run on it instead)")
+    if lines:
+        terminalreporter.section("skips, grouped by reason")
+        for line in lines:
+            terminalreporter.line(line)

@@ -90,7 +90,8 @@ def test_convert_torchvision_resnet(name, block, blocks):
     assert report.skipped == []
     text = str(report)
     assert f"{blocks + 2} module(s) converted, 0 skipped" in text
-    assert "layer3.1" in text and f"torchvision.models.resnet.{block}" in text
+    assert f"{blocks} x torchvision.models.resnet.{block}  -> resnet_fast.nn.{block}" in text
+    assert "at layer1.0, layer1.1, " in text  # the first paths of the group
 
     compare_eval(model, reference, images(2))
     compare_training_step(model, reference, images(4, seed=2), torch.tensor([5, 0, 999, 1]))
@@ -319,9 +320,10 @@ def test_conversion_report_str_and_helpers():
     assert report and len(report) == 1
     lines = str(report).splitlines()
     assert lines[0] == "resnet_fast.convert: 1 module(s) converted, 2 skipped"
-    assert lines[1] == "converted:" and lines[3] == "skipped:"
+    assert lines[1] == "converted:" and lines[4] == "skipped:"
+    assert lines[3].strip() == "at layer1.0" and lines[6].strip() == "at head.bn"
     # columns aligned
-    assert lines[4].index("torch.nn.BatchNorm2d") == lines[5].index("torch.nn.SyncBatchNorm")
+    assert lines[5].index("torch.nn.BatchNorm2d") == lines[7].index("torch.nn.SyncBatchNorm")
 
 
 def test_convert_rejects_non_modules():

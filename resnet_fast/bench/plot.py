@@ -1,7 +1,9 @@
 """The profiler's figure (``--plot PATH.png``): throughput and peak memory per variant.
 
-Two panels of bars grouped by mode (train, infer), one colour per variant: images/s on
-the left, peak GPU memory on the right (a note where it was not measured, as on the CPU).
+Two panels of bars grouped by mode (train, infer), one colour per variant (labelled with
+the backend that ran, :func:`~resnet_fast.bench.profiler.variant_label`): images/s on the
+left, peak GPU memory on the right (a note where it was not measured, as on the CPU). A
+CPU run's figure says it is a harness check, not a performance result.
 Drawn with matplotlib's object-oriented API on the Agg canvas, so no display and no
 global pyplot state are involved.
 """
@@ -14,7 +16,7 @@ from typing import Callable
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from resnet_fast.bench.profiler import BenchReport, Measurement
+from resnet_fast.bench.profiler import BenchReport, Measurement, harness_check_note
 
 BAR_GROUP_WIDTH = 0.8  # of the unit distance between two modes
 
@@ -35,11 +37,11 @@ def draw_grouped_bars(axes: Axes, measurements: list[Measurement], value: Callab
                       label: str, colors: dict[str, str]) -> None:
     """Bars of ``value`` per variant (in its colour), grouped by mode; each bar labelled with its value."""
     modes = list(dict.fromkeys(m.mode for m in measurements))
-    variants = list(dict.fromkeys(m.variant for m in measurements))
+    variants = list(dict.fromkeys(m.shown for m in measurements))
     width = BAR_GROUP_WIDTH / len(variants)
     for index, variant in enumerate(variants):
         offset = (index - (len(variants) - 1) / 2) * width
-        mine = [m for m in measurements if m.variant == variant]
+        mine = [m for m in measurements if m.shown == variant]
         bars = axes.bar([modes.index(m.mode) + offset for m in mine], [value(m) for m in mine],
                         width=width, label=variant, color=colors[variant])
         axes.bar_label(bars, fmt=bar_number, fontsize=8, padding=2)
@@ -64,7 +66,7 @@ def build_figure(report: BenchReport) -> Figure:
     memory_axes.set_title("peak memory")
     measured = report.measurements
     with_memory = [m for m in measured if m.peak_memory_gib is not None]
-    colors = {variant: f"C{i}" for i, variant in enumerate(dict.fromkeys(m.variant for m in measured))}
+    colors = {variant: f"C{i}" for i, variant in enumerate(dict.fromkeys(m.shown for m in measured))}
     if measured:
         draw_grouped_bars(throughput_axes, measured, lambda m: m.images_per_s, "images/s", colors)
     else:
@@ -74,9 +76,12 @@ def build_figure(report: BenchReport) -> Figure:
     else:
         draw_note(memory_axes, "peak memory: n/a\n(measured on a CUDA device only)")
     figure.suptitle(figure_title(report))
+    footer = [note] if (note := harness_check_note(report)) else []
     if report.skipped:
         skipped = "; ".join(f"{s.variant} ({', '.join(s.modes)})" for s in report.skipped)
-        figure.supxlabel(f"skipped: {skipped}", fontsize=8)
+        footer.append(f"skipped: {skipped}")
+    if footer:
+        figure.supxlabel("\n".join(footer), fontsize=8)
     return figure
 
 

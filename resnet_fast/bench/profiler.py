@@ -59,11 +59,11 @@ from resnet_fast.bench.trace import (
     profile_steps,
     trace_file,
 )
-from resnet_fast.ops.dispatch import BACKEND_NAMES
-from resnet_fast.train.models import TorchCifarResNet
-from resnet_fast.runtime import ConfigError, grad_scaler, resolve_device, synchronize
+from resnet_fast.ops.dispatch import BACKEND_NAMES, chosen_backend
+from resnet_fast.runtime import DTYPES, ConfigError, grad_scaler, resolve_device, synchronize
 from resnet_fast.runtime import autocast as runtime_autocast
 from resnet_fast.runtime import check_dtype_supported as runtime_check_dtype_supported
+from resnet_fast.train.models import TorchCifarResNet
 
 IMAGENET_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 CIFAR_MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
@@ -174,6 +174,13 @@ class Measurement:
     baseline: str | None = None
     graph: str | None = None  # what the CUDA graph holds (None: eager steps)
     breakdown: Breakdown | None = None
+    label: str | None = None  # the variant as shown, with the backend that ran (see variant_label)
+    spread: float | None = None  # (slowest - fastest) / median of the timed steps
+
+    @property
+    def shown(self) -> str:
+        """The name tables and plots show: :attr:`label`, else the variant's name."""
+        return self.label or self.variant
 
 
 @dataclass
@@ -273,6 +280,35 @@ def assign_speedups(measurements: list[Measurement]) -> None:
         for m in in_mode:
             m.speedup = speedup(baseline.median_ms, m.median_ms)
             m.baseline = baseline.variant
+
+
+def timing_spread(timings_ms: list[float]) -> float:
+    """(slowest - fastest) / median of the timed steps: 0.2 means the steps ranged over 20%
+    of the median."""
+    return (max(timings_ms) - min(timings_ms)) / median_ms(timings_ms)
+
+
+# The operators whose backend a variant's label reports, per mode.
+LABEL_OPERATORS = {"train": ("conv_bn_act", "batch_norm_act"), "infer": ("conv2d_bias_act", "batch_norm_act")}
+
+
+def backends_that_run(config: BenchConfig, mode: str) -> list[str]:
+    """The backends the current choice runs the model's operators with on this run's device
+    and dtype (asked of :func:`resnet_fast.ops.dispatch.chosen_backend`), in first-use order."""
+    example = torch.empty(2, 8, 4, 4, device=config.device, dtype=DTYPES[config.dtype])
+    names = [chosen_backend(op, example) for op in LABEL_OPERATORS[mode]]
+    return list(dict.fromkeys(name for name in names if name is not None))
+
+
+def variant_label(variant: Variant, backends_ran: list[str]) -> str:
+    """How tables and plots name ``variant``: ``eager`` and ``compile`` as they are; a
+    resnet_fast variant with the backend(s) that actually ran when its name does not say
+    it, e.g. ``resnet_fast (torch)`` for ``auto`` on a CPU. The one place labels are made:
+    new variant kinds extend it here."""
+    if variant.kind != "resnet_fast" or not backends_ran:
+        return variant.name
+    ran = "+".join(backends_ran)
+    return variant.name if ran == variant.backend else f"{variant.name} ({ran})"
 
 
 def default_image_size(model: str, defaults: Defaults) -> int:
@@ -720,6 +756,8 @@ def measure(config: BenchConfig, variant: Variant, mode: str, state: dict[str, t
     trace_path = trace_file(config.trace_dir, variant.name, mode) if config.trace_dir else None
     return Measurement(
         variant=variant.name,
+        label=variant_label(variant, backends_that_run(config, mode)),
+        spread=timing_spread(timings),
         mode=mode,
         timings_ms=timings,
         median_ms=median,
@@ -784,12 +822,13 @@ def results_table(report: BenchReport) -> Table:
     baselines = sorted({m.baseline for m in report.measurements if m.baseline})
     graphs = " (CUDA graphs)" if report.config.cuda_graphs else ""
     table = Table(title=f"{report.config.model} throughput{graphs}", title_justify="left")
-    for header in ("variant", "mode", "images/s", "ms/step (median)", "peak memory (GiB)",
+    for header in ("variant", "mode", "images/s", "ms/step (median)", "spread", "peak memory (GiB)",
                    "compile (s)", f"speedup vs {'/'.join(baselines) or 'eager'}"):
         justify = "left" if header in ("variant", "mode") else "right"
         table.add_column(header, justify=justify, no_wrap=True)
     for m in report.measurements:
-        table.add_row(m.variant, m.mode, f"{m.images_per_s:,.1f}", f"{m.median_ms:.2f}",
+        table.add_row(m.shown, m.mode, f"{m.images_per_s:,.1f}", f"{m.median_ms:.2f}",
+                      "-" if m.spread is None else f"{m.spread:.0%}",
                       "n/a" if m.peak_memory_gib is None else f"{m.peak_memory_gib:.2f}",
                       "-" if m.compile_s is None else f"{m.compile_s:.1f}",
                       f"{m.speedup:.2f}x")
@@ -802,14 +841,30 @@ def graph_notes(measurements: list[Measurement]) -> list[str]:
     return [f"CUDA graph ({mode}): {graph}" for mode, graph in held.items()]
 
 
+def harness_check_note(report: BenchReport) -> str | None:
+    """On the CPU: the numbers check that the harness runs, they are not a performance
+    result (None on a GPU)."""
+    if torch.device(report.config.device).type != "cpu":
+        return None
+    spreads = [m.spread for m in report.measurements if m.spread is not None]
+    spread = f"; steps ranged over up to {max(spreads):.0%} of their median" if spreads else ""
+    return (f"CPU run: a harness check (models build, steps run, numbers come out), not a performance "
+            f"result: {report.config.steps} timed step(s) per variant{spread}. Measure on a GPU "
+            "(--steps 50 or more) for speedups that mean something.")
+
+
 def print_report(report: BenchReport, console: Console) -> None:
-    """The environment line, the results table, what the graphs hold, the breakdown and the
-    skipped variants."""
+    """The environment line, the results table (the spread column: (slowest - fastest) /
+    median of the timed steps), the CPU harness-check note, what the graphs hold, the
+    breakdown and the skipped variants."""
     console.print(environment_line(report.environment), highlight=False)
     if report.measurements:
         console.print(results_table(report))
     else:
         console.print("No variant could be measured.")
+    note = harness_check_note(report)
+    if note:
+        console.print(note, style="yellow", highlight=False, markup=False)
     for note in graph_notes(report.measurements):
         console.print(note, highlight=False, markup=False)
     if any(m.breakdown is not None for m in report.measurements):

@@ -11,6 +11,7 @@ from resnet_fast.nn.conv_bn_act import (
     is_fusable,
 )
 from resnet_fast.nn.sync_batch_norm_act import SyncBatchNormAct2d, convert_sync_batchnorm
+from resnet_fast.nn.timm_blocks import TimmBasicBlock, TimmBottleneck
 
 __all__ = [
     "BasicBlock",
@@ -18,6 +19,8 @@ __all__ = [
     "Bottleneck",
     "ConvBNAct2d",
     "SyncBatchNormAct2d",
+    "TimmBasicBlock",
+    "TimmBottleneck",
     "clear_fold_cache",
     "conv_bn_act_forward",
     "convert_sync_batchnorm",

@@ -28,7 +28,9 @@ since the result is correct, and warns once per operator and device with the rea
 them the current GPU misses.
 
 The choice is process-wide: :func:`set_backend`, or the environment variable
-``RESNET_FAST_BACKEND`` read at import time.
+``RESNET_FAST_BACKEND`` read at import time. Choosing a backend this machine cannot run
+at all warns right away (:class:`BackendUnavailableWarning`); an unknown value of the
+variable warns, naming it, and leaves ``auto``.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ _CHOICES = ("auto", *BACKEND_NAMES)
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run an operator on the given input."""
+
+
+class BackendUnavailableWarning(UserWarning):
+    """:func:`set_backend` (or ``RESNET_FAST_BACKEND``) chose a backend this machine cannot run."""
 
 
 class CapabilityWarning(UserWarning):
@@ -193,6 +199,37 @@ def _validate_choice(name: str) -> str:
     return name
 
 
+def machine_reasons(name: str, device: torch.device | str | None = None) -> list[str]:
+    """Why backend ``name`` cannot run anything on this machine (or on ``device``, when
+    given); empty when it can. ``triton`` runs CPU tensors only under ``TRITON_INTERPRET=1``
+    (Triton's interpreter, a testing tool)."""
+    return list(BACKENDS[name].availability()) + _device_reasons(name, device)
+
+
+def _device_reasons(name: str, device: torch.device | str | None) -> list[str]:
+    """The part of :func:`machine_reasons` about devices (no extension import: safe while
+    ``resnet_fast`` is still being imported)."""
+    reasons: list[str] = []
+    if name == "torch":
+        return reasons
+    device_type = None if device is None else torch.device(device).type
+    interpreted = name == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    if device_type == "cpu" and not interpreted:
+        reasons.append("it needs a CUDA device" + (" (or TRITON_INTERPRET=1)" if name == "triton" else "")
+                       + " and the device is cpu")
+    elif device_type != "cpu" and not interpreted and not torch.cuda.is_available():
+        reasons.append("no CUDA device is visible to torch")
+    return reasons
+
+
+def _warn_if_unavailable(name: str, source: str, reasons_of: Callable[[str], list[str]] | None = None) -> None:
+    reasons = (reasons_of or machine_reasons)(name) if name in BACKENDS else []
+    if reasons:
+        warnings.warn(f"{source} chose the resnet_fast backend '{name}', which cannot run on this machine: "
+                      + "; ".join(reasons) + ". Calls will raise BackendUnavailableError; "
+                      "set_backend('auto') runs what this machine can", BackendUnavailableWarning, stacklevel=3)
+
+
 def set_backend(name: str) -> None:
     """Choose the backend for every ``resnet_fast`` operator in this process.
 
@@ -200,8 +237,20 @@ def set_backend(name: str) -> None:
         name: ``"auto"`` (the fastest backend that can take each call), ``"cuda"``,
             ``"triton"`` or ``"torch"``. An explicit backend that cannot take a call
             raises :class:`BackendUnavailableError` at that call, with the reasons.
+
+    Raises:
+        ValueError: ``name`` is not one of the choices.
+
+    Warns:
+        BackendUnavailableWarning: right away when the backend cannot run on this machine
+            at all (no CUDA device, extension not built, Triton missing;
+            :func:`machine_reasons`). A warning, not an error: the choice is a process-wide
+            preference that tests and tools set before the tensors exist (``triton`` with
+            ``TRITON_INTERPRET=1`` runs CPU tensors and does not warn); the first operator
+            call then raises :class:`BackendUnavailableError` with the full reasons.
     """
     _state["choice"] = _validate_choice(name)
+    _warn_if_unavailable(name, f"set_backend({name!r})")
 
 
 def get_backend() -> str:
@@ -269,6 +318,16 @@ def select_kernel(op: str, example: torch.Tensor) -> Callable:
     raise BackendUnavailableError(f"no resnet_fast backend implements {op}")  # torch always does
 
 
+def chosen_backend(op: str, example: torch.Tensor) -> str | None:
+    """The name of the backend the current choice runs ``op`` on ``example`` with (None:
+    the choice refuses it). What tools report as "ran", e.g. ``torch`` for ``auto`` on a CPU."""
+    try:
+        kernel = select_kernel(op, example)
+    except BackendUnavailableError:
+        return None
+    return next((name for name, backend in BACKENDS.items() if backend.kernels.get(op) is kernel), None)
+
+
 def _validation_info(name: str) -> dict[str, dict]:
     """Per visible CUDA device, the record enabling backend ``name`` there or why none does."""
     if name == "torch" or not torch.cuda.is_available():
@@ -296,10 +355,7 @@ def backend_info() -> dict[str, dict]:
     info: dict[str, dict] = {}
     for name in BACKEND_NAMES:
         backend = BACKENDS[name]
-        reasons = list(backend.availability())
-        interpreted = name == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
-        if name != "torch" and not torch.cuda.is_available() and not interpreted:
-            reasons.append("no CUDA device is visible to torch")
+        reasons = machine_reasons(name)
         info[name] = {
             "available": not reasons,
             "reasons": reasons,
@@ -324,4 +380,16 @@ def backend_info() -> dict[str, dict]:
     return info
 
 
-_state["choice"] = _validate_choice(os.environ.get("RESNET_FAST_BACKEND", "auto"))
+def _choice_from_environment() -> str:
+    """``RESNET_FAST_BACKEND``'s choice; an unknown value warns, naming the variable, and
+    gives ``auto`` (a typo must not break ``import resnet_fast``)."""
+    value = os.environ.get("RESNET_FAST_BACKEND", "auto")
+    if value not in _CHOICES:
+        warnings.warn(f"environment variable RESNET_FAST_BACKEND={value!r} is not a resnet_fast backend "
+                      f"(choose one of {', '.join(_CHOICES)}); using 'auto'", UserWarning, stacklevel=2)
+        return "auto"
+    _warn_if_unavailable(value, f"RESNET_FAST_BACKEND={value!r}", lambda name: _device_reasons(name, None))
+    return value
+
+
+_state["choice"] = _choice_from_environment()

@@ -71,13 +71,33 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: str | Path) -> None:
-    """Refuse to resume when a setting that shapes the trajectory differs from the checkpoint's."""
+# Settings a resumed run may change: a longer run continues a shorter one (its milestones
+# as for the new length), see :func:`check_same_run`.
+EXTENDABLE = ("length", "milestones")
+
+
+def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: str | Path) -> bool:
+    """Refuse to resume when a setting that shapes the trajectory differs from the checkpoint's.
+
+    A longer ``length`` (``--iterations`` / ``--epochs``), with the milestones that go with
+    it, extends the checkpoint's run instead: returns True then (False for the same run).
+    A shorter one is refused.
+    """
     differences = [f"{key}: checkpoint {saved.get(key)!r}, now {value!r}"
-                   for key, value in current.items() if saved.get(key) != value]
+                   for key, value in current.items() if key not in EXTENDABLE and saved.get(key) != value]
+    old_length, new_length = saved.get("length"), current.get("length")
+    if old_length == new_length:
+        differences += [f"{key}: checkpoint {saved.get(key)!r}, now {current[key]!r}"
+                        for key in EXTENDABLE if key in current and saved.get(key) != current[key]]
     if differences:
         raise CheckpointError(f"--resume {path} was written by a different run ({'; '.join(differences)}); "
                               "resume with the same settings or start a new run")
+    if old_length is not None and new_length is not None and new_length < old_length:
+        unit = current.get("unit", "iterations")
+        raise CheckpointError(f"--resume {path}: the checkpoint's run is {old_length} {unit} long and cannot be "
+                              f"shortened to {new_length}; give --{unit} {old_length} to continue it, or more to "
+                              "extend it")
+    return old_length != new_length
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:

@@ -67,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--eager", action="store_true", help="train the plain PyTorch (torchvision) model instead, for comparison")
     add("--compile", action="store_true", help="torch.compile the model")
     add("--sync-bn", action="store_true", help="synchronize BatchNorm statistics over all processes")
-    add("--resume", metavar="PATH", help="continue from a checkpoint (a checkpoint.pt, or the --out folder)")
+    add("--resume", metavar="PATH",
+        help="continue from a checkpoint (a checkpoint.pt, or the --out folder) with the same settings; a longer "
+             "--iterations / --epochs extends the run, finished or not, with the milestones of the new length "
+             "(the recipe's scaled to it, or --milestones) and the learning rate they give at the checkpoint")
     add("--stop-after", type=int, metavar="ITERATION",
         help="checkpoint and stop at this iteration, as if interrupted; --resume continues exactly")
     add("--seed", type=int, default=0, help="seed for weights, data order and augmentation (default 0)")

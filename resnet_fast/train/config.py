@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from resnet_fast.ops.dispatch import BACKEND_NAMES
+from resnet_fast.ops.dispatch import BACKEND_NAMES, machine_reasons
 from resnet_fast.runtime import DTYPES, ConfigError, check_dtype_supported, resolve_device
 from resnet_fast.train.models import check_model_name, cifar_depth
 from resnet_fast.train.recipes import RECIPES
@@ -156,6 +156,11 @@ def resolve_config(options: Options, cuda_available: bool, cuda_bf16: bool, worl
     check_model_name(model)
     if options.backend not in BACKENDS:
         raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {options.backend!r}")
+    if not options.eager and options.backend not in ("auto", "torch"):
+        unavailable = machine_reasons(options.backend, device)
+        if unavailable:
+            raise ConfigError(f"--backend {options.backend} cannot run on {device}: {'; '.join(unavailable)} "
+                              "(--backend auto runs what this machine can)")
 
     if options.iterations is not None and options.epochs is not None:
         raise ConfigError("give --iterations or --epochs, not both")

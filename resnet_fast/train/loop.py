@@ -16,6 +16,8 @@ shard of the evaluation set with the unwrapped model and sums the counts.
 
 from __future__ import annotations
 
+import bisect
+import collections
 import json
 import math
 import os
@@ -162,8 +164,9 @@ class Trainer:
             val_split=config.val_split, ten_crop=config.ten_crop, synthetic_images=config.synthetic_images)
         self.run_settings = {**config.trajectory(), "num_classes": self.data.num_classes}
         checkpoint = load_checkpoint(config.resume) if config.resume else None
-        if checkpoint is not None:
-            check_same_run(checkpoint["run"], self.run_settings, config.resume)
+        self.extended_from: int | None = None  # the checkpoint run's length when this run extends it
+        if checkpoint is not None and check_same_run(checkpoint["run"], self.run_settings, config.resume):
+            self.extended_from = checkpoint["run"]["length"]
 
         self.module = build_model(config.model, self.data.num_classes, config.eager)
         self.module.to(device=device, memory_format=self.memory_format)
@@ -195,6 +198,8 @@ class Trainer:
         self.total_epochs = math.ceil(self.total_iterations / self.batches_per_epoch)
         if checkpoint is not None:
             self._restore(checkpoint)
+            if self.extended_from is not None:
+                self._follow_new_milestones()
         else:
             self.warmup.start()
         self.log = MetricsLog(config.out, self.processes.is_main,
@@ -221,6 +226,26 @@ class Trainer:
         self.meter.load_state_dict(checkpoint["meter"])
         self.position = Position(**checkpoint["position"])
         restore_rng_state(checkpoint["rng"], self.device)
+
+    def _follow_new_milestones(self) -> None:
+        """An extended run: the milestone schedule becomes the new length's, and the learning
+        rate what that schedule gives at the current position (warm-up factor included)."""
+        if self.config.plateau:
+            return
+        milestones = sorted(self.config.milestones)
+        self.scheduler.milestones = collections.Counter(milestones)
+        decays = bisect.bisect_right(milestones, self.scheduler.last_epoch)
+        warmup = WARMUP_FACTOR if self.warmup.active else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * self.config.lr_decay ** decays * warmup
+
+    def batches_this_epoch(self) -> int:
+        """The batches the current epoch will actually run to (its end, or where the run or
+        ``--stop-after`` stops), for the progress bar."""
+        limit = self.total_iterations if self.config.stop_after is None else min(self.total_iterations,
+                                                                                self.config.stop_after)
+        remaining = max(limit - self.position.iteration, 0)
+        return min(self.batches_per_epoch, self.position.batch + remaining)
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Everything :meth:`_restore` needs, for :func:`save_checkpoint`."""
@@ -348,9 +373,14 @@ class Trainer:
                 self.say(self.log.note)
             if config.resume:
                 self.say(f"resumed from {config.resume} at epoch {position.epoch + 1}, iteration {position.iteration}")
+            if self.extended_from is not None:
+                schedule = ("the learning rate follows the plateau rule" if config.plateau else
+                            f"milestones now at {', '.join(map(str, config.milestones))} {config.unit}, "
+                            f"learning rate {self.lr:g}")
+                self.say(f"extending the run from {self.extended_from} to {config.length} {config.unit}: {schedule}")
         step_schedule = config.unit == "iterations" and not config.plateau
         while not self.stop_reached():
-            bar = tqdm(total=self.batches_per_epoch, initial=position.batch, unit="batch", file=sys.stderr,
+            bar = tqdm(total=self.batches_this_epoch(), initial=position.batch, unit="batch", file=sys.stderr,
                        desc=f"epoch {position.epoch + 1}/{self.total_epochs}", dynamic_ncols=True,
                        disable=not (config.progress and self.processes.is_main))
             self._epoch_start = time.perf_counter()
