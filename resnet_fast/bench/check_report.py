@@ -136,7 +136,7 @@ def throughput_tables(document: dict[str, Any]) -> list[str]:
     for group in dict.fromkeys(m["group"] for m in measured):
         in_group = [m for m in measured if m["group"] == group]
         eager = {m["mode"]: m["median_ms"] for m in in_group if m["variant"] == "eager"}
-        rows = [(m["variant"], m["mode"], _num(m["images_per_s"], 4), f"{m['median_ms']:.2f}",
+        rows = [(m.get("label") or m["variant"], m["mode"], _num(m["images_per_s"], 4), f"{m['median_ms']:.2f}",
                  "n/a" if m["peak_memory_gib"] is None else f"{m['peak_memory_gib']:.2f} GiB",
                  f"{eager[m['mode']] / m['median_ms']:.2f}x" if m["mode"] in eager else "-")
                 for m in in_group]
@@ -217,13 +217,13 @@ def write_document_plots(document: dict[str, Any], name: str, directory: Path) -
     throughput = [m for m in document["measurements"] if m.get("kind") == "throughput"]
     plots: dict[str, Path] = {}
     if throughput:
-        labels = [f"{m['group']}: {m['variant']} {m['mode']}" for m in throughput]
+        labels = [f"{m['group']}: {m.get('label') or m['variant']} {m['mode']}" for m in throughput]
         plots["throughput"] = _bars(directory / f"{stem}-throughput.png", f"throughput per variant, {title}", labels,
                                     [m["images_per_s"] for m in throughput], "images/s")
         with_memory = [m for m in throughput if m["peak_memory_gib"] is not None]
         if with_memory:
             plots["memory"] = _bars(directory / f"{stem}-memory.png", f"peak memory per variant, {title}",
-                                    [f"{m['group']}: {m['variant']} {m['mode']}" for m in with_memory],
+                                    [f"{m['group']}: {m.get('label') or m['variant']} {m['mode']}" for m in with_memory],
                                     [m["peak_memory_gib"] for m in with_memory], "GiB")
     primitives = [m for m in document["measurements"] if m.get("kind") == "primitive" and m.get("floor_ms")]
     if primitives:

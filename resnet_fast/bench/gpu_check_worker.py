@@ -110,7 +110,8 @@ def headline_records(row: dict[str, Any]) -> Iterator[dict[str, Any]]:
     for m in report.measurements:
         yield {"type": "measurement", "kind": "throughput", **conditions, "variant": m.variant, "mode": m.mode,
                "images_per_s": m.images_per_s, "median_ms": m.median_ms, "peak_memory_gib": m.peak_memory_gib,
-               "compile_s": m.compile_s, "graph": m.graph, "steps": len(m.timings_ms)}
+               "compile_s": m.compile_s, "graph": m.graph, "steps": len(m.timings_ms), "label": m.shown,
+               "spread": m.spread}
     for skipped in report.skipped:
         yield {"type": "skip", **conditions, "variant": skipped.variant, "modes": list(skipped.modes),
                "reason": "; ".join(skipped.reasons)}
