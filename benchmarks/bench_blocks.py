@@ -4,7 +4,9 @@ their ``torch.compile``, at the real stage configurations.
 Bottleneck: every stage of ResNet-50, its first block (stride and projection shortcut:
 (N,64,56,56) -> (N,256,56,56), (N,256,56,56) -> (N,512,28,28), ...) and a following
 identity block. BasicBlock: the same for ResNet-18/34 (whose first block of stage 1 is
-already an identity block). Throughput in images/s at the case's batch.
+already an identity block). Throughput in images/s at the case's batch. The ``train`` pass
+also times fused training (``rf_<backend>_fused``: ``conv2d_stats`` with BatchNorm+ReLU
+prologues, :func:`resnet_fast.nn.enable_fused_training`).
 """
 
 from __future__ import annotations
@@ -99,13 +101,13 @@ def run(run_module_bench: Callable[..., None], spec: BenchSpec[BlockCase], eager
     )
 
 
-@pytest.mark.bench(level="block", gpu_cases=resnet18_blocks, passes=PASSES,
+@pytest.mark.bench(level="block", gpu_cases=resnet18_blocks, passes=PASSES, fused_training=True,
                    cpu_cases=[BlockCase("identity", 2, 8, 8, 1, 8, 1), BlockCase("downsample", 2, 8, 16, 2, 8, 1)])
 def test_basic_block(run_module_bench: Callable[..., None], spec: BenchSpec[BlockCase]) -> None:
     run(run_module_bench, spec, tv.BasicBlock, rf.BasicBlock)
 
 
-@pytest.mark.bench(level="block", gpu_cases=resnet50_blocks, passes=PASSES,
+@pytest.mark.bench(level="block", gpu_cases=resnet50_blocks, passes=PASSES, fused_training=True,
                    cpu_cases=[BlockCase("identity", 2, 32, 8, 1, 8, 4), BlockCase("downsample", 2, 32, 16, 2, 8, 4)])
 def test_bottleneck(run_module_bench: Callable[..., None], spec: BenchSpec[BlockCase]) -> None:
     run(run_module_bench, spec, tv.Bottleneck, rf.Bottleneck)

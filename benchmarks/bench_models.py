@@ -4,7 +4,8 @@ ImageNet ResNet-18/50/101/152 at 224x224 and the CIFAR ResNet-56 at 32x32, at th
 session's batch (the CPU smoke run: ResNet-18 at 32x32 and CIFAR ResNet-20, batch 2).
 A ``train`` step is forward, cross-entropy on random labels, backward, an SGD step
 (momentum 0.9, lr 0.1, weight decay 1e-4) and ``zero_grad(set_to_none=True)`` (fp16 adds
-a GradScaler), as ``python -m resnet_fast.bench``; ``infer`` is an eval-mode forward
+a GradScaler), as ``python -m resnet_fast.bench`` (also with fused training, the ``rf_<backend>_fused``
+variants, stem included); ``infer`` is an eval-mode forward
 under ``torch.inference_mode``. Images are float32 (autocast casts them), in the target
 layout, with the model.
 """
@@ -108,7 +109,7 @@ def sgd_step(model: nn.Module, target: Target) -> Step[Batch]:
     return step
 
 
-@pytest.mark.bench(level="model", gpu_cases=gpu_models, cpu_cases=CPU_CASES, passes=PASSES)
+@pytest.mark.bench(level="model", gpu_cases=gpu_models, cpu_cases=CPU_CASES, passes=PASSES, fused_training=True)
 def test_model(run_bench: Callable[..., None], spec: BenchSpec[ModelCase]) -> None:
     case, target = spec.case, spec.target
 

@@ -16,7 +16,11 @@ Variants, measured in the same session from the same weights and inputs:
   shapes;
 * ``rf_<backend>`` — resnet_fast's fused module with ``resnet_fast.set_backend(<backend>)``,
   for every backend of ``resnet_fast.backend_info()``; one that is unavailable, or lacks
-  an operator the case needs, is skipped with its reasons as the skip reason.
+  an operator the case needs, is skipped with its reasons as the skip reason;
+* ``rf_<backend>_fused`` (variant ``resnet_fast:<backend>+fused``) — the same with fused
+  training (:func:`resnet_fast.nn.enable_fused_training`: ``conv2d_stats`` epilogues and
+  BatchNorm+ReLU prologues), in the ``train`` pass of the benches whose marker says
+  ``fused_training=True`` (blocks and models).
 
 Targets: on a GPU (marked ``gpu``; skipped without CUDA) fp32, fp16 and bf16 (autocast,
 float32 parameters) in NCHW and channels_last, at batch ``RESNET_FAST_BENCH_BATCH``
@@ -105,6 +109,8 @@ COPY_BYTES = {"cuda": 1 << 30, "cpu": 1 << 26}  # size of the copy that measures
 MATMUL_SIZE = {"cuda": 8192, "cpu": 512}
 
 VARIANTS = ("eager", "compile", *(f"resnet_fast:{backend}" for backend in BACKEND_NAMES))
+FUSED_TRAINING_VARIANTS = tuple(f"resnet_fast:{backend}+fused" for backend in BACKEND_NAMES)
+FUSED_TRAINING_OPERATORS = ("conv2d_stats",)  # what fused training needs beyond the default path
 GPU_TARGETS = [Target("cuda", dtype, layout) for dtype in DTYPES for layout in LAYOUTS]
 CPU_TARGET = Target("cpu", "fp32", "nchw")
 GPU_MARKS = (pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
@@ -116,8 +122,9 @@ GPU_MARKS = (pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "bench(level, gpu_cases, cpu_cases, passes, gpu_targets=all): a resnet_fast benchmark; "
-        "gpu_cases(batch) and cpu_cases give the cases (each with an ``id``), passes the passes to time")
+        "markers", "bench(level, gpu_cases, cpu_cases, passes, gpu_targets=all, fused_training=False): a "
+        "resnet_fast benchmark; gpu_cases(batch) and cpu_cases give the cases (each with an ``id``), passes the "
+        "passes to time, fused_training adds the +fused variants to the train pass")
     config.stash[SESSION] = BenchSession()
     if not torch.cuda.is_available():
         # Only the CPU smoke run can run: it checks the harness, not CPU speed, and one
@@ -126,12 +133,18 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def bench_specs(level: str, bench: str, gpu_cases: Callable[[int], list[Any]], cpu_cases: list[Any],
-                passes: tuple[str, ...], gpu_targets: Sequence[Target] = tuple(GPU_TARGETS)) -> list[BenchSpec]:
+                passes: tuple[str, ...], gpu_targets: Sequence[Target] = tuple(GPU_TARGETS),
+                fused_training: bool = False) -> list[BenchSpec]:
     """Every target x case x pass x variant, ``eager`` first within each case (``gpu_targets``:
-    the GPU targets, all of :data:`GPU_TARGETS` unless the bench marker names fewer)."""
+    the GPU targets, all of :data:`GPU_TARGETS` unless the bench marker names fewer;
+    ``fused_training``: the ``train`` pass also times :data:`FUSED_TRAINING_VARIANTS`)."""
     runs = [(target, gpu_cases(BATCH)) for target in gpu_targets] + [(CPU_TARGET, cpu_cases)]
+
+    def variants(pass_: str) -> tuple[str, ...]:
+        return VARIANTS + (FUSED_TRAINING_VARIANTS if fused_training and pass_ == TRAIN else ())
+
     return [BenchSpec(level, bench, case, target, pass_, variant)
-            for target, cases in runs for case in cases for pass_ in passes for variant in VARIANTS]
+            for target, cases in runs for case in cases for pass_ in passes for variant in variants(pass_)]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -294,7 +307,8 @@ def skip_reason(spec: BenchSpec, operators: tuple[str, ...]) -> str | None:
     info = resnet_fast.backend_info()[spec.backend]
     if not info["available"]:
         return f"resnet_fast backend {spec.backend!r} is unavailable: " + "; ".join(info["reasons"])
-    missing = [op for op in operators if op not in info["operators"]]
+    needed = (*operators, *FUSED_TRAINING_OPERATORS) if spec.fused_training else operators
+    missing = [op for op in needed if op not in info["operators"]]
     if missing:
         return f"resnet_fast backend {spec.backend!r} does not implement {', '.join(missing)}"
     return None
@@ -316,6 +330,8 @@ def build_variant(spec: BenchSpec, workload: Workload) -> nn.Module:
         return torch.compile(place(eager, spec.target), mode=workload.compile_mode)
     fused = workload.build_fused()
     fused.load_state_dict(eager.state_dict())
+    if spec.fused_training:
+        resnet_fast.nn.enable_fused_training(fused)
     return place(fused, spec.target)
 
 

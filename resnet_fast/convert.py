@@ -15,7 +15,16 @@ What is converted:
   operator, and so does a ``downsample`` that is ``nn.Sequential(Conv2d, BatchNorm2d)``;
 * the stem of a torchvision ``ResNet`` (one that keeps torchvision's ``forward``):
   ``bn1`` becomes a :class:`~resnet_fast.nn.BatchNormAct2d` with ``relu=True`` and
-  ``relu`` becomes ``nn.Identity`` (``model.relu`` is used only there);
+  ``relu`` becomes ``nn.Identity`` (``model.relu`` is used only there); and a model of
+  exactly torchvision's ``ResNet`` class becomes, in place (the same object: its class is
+  switched, its modules and attributes stay), a :class:`resnet_fast.models.ResNet`, whose
+  stem runs :func:`~resnet_fast.nn.stem.stem_forward`: the 7x7 convolution with its
+  BatchNorm folded in eval, as one ``conv_bn_act`` in training, and as ``conv2d_stats`` +
+  ``scale_shift_act`` under :func:`~resnet_fast.nn.enable_fused_training`. State-dict keys
+  stay torchvision's; ``isinstance(model, torchvision.models.ResNet)`` no longer holds.
+  A subclass of torchvision's ``ResNet`` keeps its class (and its stem convolution runs
+  unfused, listed in the skipped modules), and so does a ResNet whose stem norm cannot be
+  fused (e.g. a ``SyncBatchNorm``);
 * inside any ``nn.Sequential`` (subclasses included when they keep ``Sequential``'s
   ``forward``, such as torchvision's ``Conv2dNormActivation``): an ``nn.BatchNorm2d``
   directly followed by an ``nn.ReLU`` — typically ``Conv2d → BatchNorm2d → ReLU`` —
@@ -69,7 +78,8 @@ class ConversionReport:
     Attributes:
         converted: ``(module path, old type, new type)`` for each replaced module.
         skipped: ``(module path, type, reason)`` for each BatchNorm (or norm inside a
-            converted block) that still runs unfused.
+            converted block) that still runs unfused, and the stem convolution of a
+            subclass of torchvision's ResNet.
 
     ``len(report)`` and ``bool(report)`` count the converted modules.
     """
@@ -115,6 +125,8 @@ def _type_name(module_or_cls: nn.Module | type) -> str:
         module = "torch.nn"
     elif module.startswith("resnet_fast.nn."):
         module = "resnet_fast.nn"
+    elif module.startswith("resnet_fast.models."):
+        module = "resnet_fast.models"
     return f"{module}.{cls.__qualname__}"
 
 
@@ -218,6 +230,24 @@ def _is_torchvision_resnet(module: nn.Module) -> bool:
     )
 
 
+def _fuse_stem_convolution(model: nn.Module, prefix: str, report: ConversionReport) -> None:
+    """torchvision's exact ``ResNet`` → :class:`resnet_fast.models.ResNet` in place, so the
+    stem convolution runs with its BatchNorm (``stem_forward``)."""
+    from resnet_fast.models.imagenet import ResNet
+
+    tv = _torchvision_resnet_module()
+    if not is_fusable(model.conv1, model.bn1):
+        return  # the stem's norm is listed in the skipped modules with the reason
+    if type(model) is not tv.ResNet:
+        report.skipped.append((_path(prefix, "conv1"), _type_name(model.conv1),
+                               f"the stem convolution runs unfused: {_type_name(model)} is a subclass of "
+                               "torchvision's ResNet, and only that exact class becomes resnet_fast.models.ResNet"))
+        return
+    old = _type_name(model)
+    model.__class__ = ResNet  # same attributes (conv1, bn1, relu, maxpool, layer1-4, avgpool, fc, ...)
+    report.converted.append((_display(prefix), old, _type_name(ResNet)))
+
+
 def _convert_stem(model: nn.Module, prefix: str, report: ConversionReport, handled: set[str]) -> None:
     """torchvision ResNet: ``bn1`` + ``relu`` → ``BatchNormAct2d(relu=True)`` + ``Identity``."""
     bn, relu = getattr(model, "bn1", None), getattr(model, "relu", None)
@@ -280,6 +310,7 @@ def _convert_children(module: nn.Module, prefix: str, report: ConversionReport, 
     handled: set[str] = set()
     if _is_torchvision_resnet(module):
         _convert_stem(module, prefix, report, handled)
+        _fuse_stem_convolution(module, prefix, report)
     elif convert_timm.is_timm_resnet(module):
         convert_timm.convert_timm_stem(module, prefix, report, handled)
     if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:

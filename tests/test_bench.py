@@ -5,6 +5,7 @@ GPU paths (CUDA graph capture, device-time breakdown) are ``gpu``-marked and ski
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -368,14 +369,19 @@ def test_describe_error_names_the_first_cause_first():
         assert describe_error(error) == "ValueError: sync in capture -> RuntimeError: capture invalidated"
 
 
-@pytest.mark.parametrize("dtype, tail_runs_optimizer", [("fp32", False), ("fp16", True)])
-def test_train_plan_keeps_the_grad_scaler_step_out_of_the_graph(dtype, tail_runs_optimizer):
+@pytest.mark.parametrize("dtype, graphs, tail_runs_optimizer", [
+    ("fp32", False, False), ("fp16", False, True), ("fp16", True, False), ("fp32", True, False)])
+def test_train_plan_captures_the_grad_scaler_step_only_with_the_fused_optimizer(dtype, graphs,
+                                                                                tail_runs_optimizer):
     config = resolve_config(Options(device="cpu", dtype=dtype), cuda_available=False)
+    config = dataclasses.replace(config, cuda_graphs=graphs)  # what the plan looks like for a GPU
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
     model(torch.randn(2, 3, 8, 8))
     plan = make_train_plan(model, config)
     assert ("SGD step runs eagerly" in plan.captured) == tail_runs_optimizer
-    assert ("backward and SGD step" in plan.captured) != tail_runs_optimizer
+    assert ("backward and" in plan.captured) != tail_runs_optimizer
+    assert ("fused SGD" in plan.captured) == graphs
+    assert ("inf check and update" in plan.captured) == (graphs and dtype == "fp16")
     assert make_infer_plan(model, config).captured == "forward"
 
 
@@ -504,12 +510,12 @@ def test_gpu_cli_cuda_graphs_with_trace(tmp_path, capsys):
 
 @pytest.mark.gpu
 @requires_gpu
-def test_gpu_cli_cuda_graphs_fp16_runs_the_scaler_step_eagerly(tmp_path, capsys):
+def test_gpu_cli_cuda_graphs_fp16_captures_the_scaler_and_fused_sgd_step(tmp_path, capsys):
     path = tmp_path / "fp16.json"
     assert main([*GPU_TINY, "--dtype", "fp16", "--mode", "train", "--compare", "eager", "--cuda-graphs",
                  "--json", str(path)]) == 0
     [result] = json.loads(path.read_text())["results"]
-    assert "SGD step runs eagerly" in result["graph"]
+    assert "fused SGD step" in result["graph"] and "inf check and update" in result["graph"]
 
 
 @pytest.mark.gpu

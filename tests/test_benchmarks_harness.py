@@ -80,7 +80,10 @@ def test_smoke_run_measures_every_bench_with_its_extra_info(smoke_json):
         assert info["input_sets"] >= 3 and info["median_ms"] > 0
         assert entry["group"] == info["case"]
     assert by_level == BENCHES
-    assert {e["extra_info"]["variant"] for e in entries} == {"eager", "resnet_fast:torch"}
+    assert {e["extra_info"]["variant"] for e in entries} == {"eager", "resnet_fast:torch", "resnet_fast:torch+fused"}
+    fused = {(e["extra_info"]["level"], e["extra_info"]["pass"]) for e in entries
+             if e["extra_info"]["variant"] == "resnet_fast:torch+fused"}
+    assert fused == {("block", "train"), ("model", "train")}  # fused training: training only
 
 
 def test_smoke_run_ids_are_readable(smoke_json):
@@ -89,6 +92,8 @@ def test_smoke_run_ids_are_readable(smoke_json):
     assert "test_bn_add_relu[fp32-nchw-2x8x8x8-train-rf_torch]" in names
     assert "test_bottleneck[fp32-nchw-downsample-2x32x8x8-infer-rf_torch]" in names
     assert "test_model[fp32-nchw-resnet20-2x3x32x32-train-eager]" in names
+    assert "test_model[fp32-nchw-resnet18-2x3x32x32-train-rf_torch_fused]" in names
+    assert "test_bottleneck[fp32-nchw-downsample-2x32x8x8-train-rf_torch_fused]" in names
 
 
 def test_smoke_run_speedups_come_from_the_eager_median_of_the_same_case(smoke_json):
@@ -297,6 +302,9 @@ def test_bench_spec_ids():
     assert spec.key == "bn_relu[bf16-nhwc-256x256x56x56-fwd]"
     eager = BenchSpec("op", "bn_relu", Case(), Target("cpu", "fp32", "nchw"), INFER, "eager")
     assert eager.id == "fp32-nchw-256x256x56x56-infer-eager" and eager.backend is None
+    fused = BenchSpec("model", "model", Case(), Target("cuda", "bf16", "nhwc"), TRAIN, "resnet_fast:triton+fused")
+    assert fused.id == "bf16-nhwc-256x256x56x56-train-rf_triton_fused"
+    assert fused.backend == "triton" and fused.fused_training and not spec.fused_training
 
 
 def test_target_random_activations():

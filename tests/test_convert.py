@@ -79,17 +79,19 @@ def test_convert_torchvision_resnet(name, block, blocks):
     assert all(type(b) is fused_type for stage in stages for b in stage)
     assert type(model.bn1) is BatchNormAct2d and model.bn1.relu
     assert type(model.relu) is nn.Identity
+    assert type(model) is resnet_fast.models.ResNet  # the stem convolution fuses too
 
     paths = converted_paths(report)
-    assert len(report.converted) == blocks + 2 == len(report)
+    assert len(report.converted) == blocks + 3 == len(report)
     assert paths["bn1"] == "resnet_fast.nn.BatchNormAct2d(relu=True)"
     assert paths["relu"] == "torch.nn.Identity"
+    assert paths["<root>"] == "resnet_fast.models.ResNet"
     assert paths["layer1.0"] == f"resnet_fast.nn.{block}"
     assert (("layer4.1", f"torchvision.models.resnet.{block}", f"resnet_fast.nn.{block}")
             in report.converted)
     assert report.skipped == []
     text = str(report)
-    assert f"{blocks + 2} module(s) converted, 0 skipped" in text
+    assert f"{blocks + 3} module(s) converted, 0 skipped" in text
     assert f"{blocks} x torchvision.models.resnet.{block}  -> resnet_fast.nn.{block}" in text
     assert "at layer1.0, layer1.1, " in text  # the first paths of the group
 

@@ -10,16 +10,19 @@ a CIFAR network are the paper's CIFAR ResNet in plain PyTorch
 
 A training step is forward, cross-entropy on random labels, backward, a foreach SGD step
 (momentum 0.9, lr 0.1, weight decay 1e-4) and ``zero_grad(set_to_none=True)``; fp16 adds
-a GradScaler. An inference step is a forward pass in eval mode under
-``torch.inference_mode``. fp16 / bf16 mean ``torch.autocast`` with that dtype.
+a GradScaler. A ``+fused`` variant trains with :func:`resnet_fast.nn.enable_fused_training`
+(stem included); its inference is the same variant's without it, so it is not measured.
+An inference step is a forward pass in eval mode under ``torch.inference_mode``.
+fp16 / bf16 mean ``torch.autocast`` with that dtype.
 
 With ``cuda_graphs`` a GPU step is captured once in a CUDA graph after warm-up on a
-side stream, and each timed step copies its batch into the graph's static input and
-replays it. A training graph holds forward, loss, backward and the SGD step (SGD has no
-``capturable`` flag and needs none: its foreach step never syncs the host); under fp16 the
-GradScaler's inf check syncs, so the graph holds forward, loss and backward and the
-scaler's step runs eagerly after each replay. A variant that cannot be captured is
-skipped with the error.
+side stream (which also autotunes the Triton kernels and cuDNN, so nothing tunes inside
+the capture), and each timed step copies its batch into the graph's static input and
+replays it. A training graph holds the whole step: forward, loss, backward and the SGD
+step, which is then the capturable fused SGD with the learning rate as a device tensor;
+under fp16 the GradScaler hands that optimizer its scale and inf flag without a host sync,
+so its inf check and scale update are in the graph too. A variant that cannot be captured
+is skipped with the error.
 
 On a GPU each timed step sits between two CUDA events and the median is reported; peak
 memory is ``torch.cuda.max_memory_allocated`` over the timed steps (under CUDA graphs
@@ -71,6 +74,9 @@ MODELS = IMAGENET_MODELS + CIFAR_MODELS
 MODES = ("train", "infer", "both")
 VARIANT_KINDS = ("eager", "compile", "resnet_fast")
 RESNET_FAST_BACKENDS = ("auto", *BACKEND_NAMES)
+FUSED_OPTION = "fused"  # ``resnet_fast[:backend]+fused``: fused training
+FUSED_INFERENCE_SKIP = ("fused training changes training only: its inference is that of the same "
+                        "variant without +fused")
 
 NUM_BATCHES = 3  # input batches rotated through the steps, so no step re-reads the last one's input
 Batches = list[tuple[torch.Tensor, torch.Tensor]]  # (images, labels) per batch
@@ -102,11 +108,14 @@ class BenchConfigError(ConfigError):
 
 @dataclass(frozen=True)
 class Variant:
-    """One thing to measure: ``eager``, ``compile`` or ``resnet_fast`` with a backend."""
+    """One thing to measure: ``eager``, ``compile`` or ``resnet_fast`` with a backend, and
+    for ``resnet_fast`` optionally fused training (``+fused``:
+    :func:`resnet_fast.nn.enable_fused_training`, training mode only)."""
 
     name: str
     kind: str
     backend: str | None = None
+    fused_training: bool = False
 
 
 @dataclass
@@ -218,21 +227,31 @@ class BenchReport:
 
 
 def parse_variant(text: str) -> Variant:
-    """``"eager"``, ``"compile"``, ``"resnet_fast"`` or ``"resnet_fast:<backend>"``."""
-    kind, _, backend = text.strip().partition(":")
+    """``"eager"``, ``"compile"``, ``"resnet_fast"`` or ``"resnet_fast:<backend>"``, the
+    resnet_fast ones optionally with ``"+fused"`` (fused training), e.g.
+    ``"resnet_fast:triton+fused"`` or ``"resnet_fast+fused"`` (auto)."""
+    text = text.strip()
+    spec, plus, option = text.partition("+")
+    if plus and option != FUSED_OPTION:
+        raise BenchConfigError(f"unknown variant option {'+' + option!r} in {text!r}; the only one is "
+                               f"+{FUSED_OPTION} (fused training of a resnet_fast variant)")
+    kind, _, backend = spec.partition(":")
     if kind not in VARIANT_KINDS:
         raise BenchConfigError(f"unknown variant {text!r}; choose from eager, compile, "
-                               "resnet_fast, resnet_fast:<backend>")
+                               "resnet_fast, resnet_fast:<backend>, each resnet_fast one optionally +fused")
     if kind != "resnet_fast":
         if backend:
             raise BenchConfigError(f"variant {kind!r} takes no backend (got {text!r})")
+        if plus:
+            raise BenchConfigError(f"+{FUSED_OPTION} is resnet_fast's fused training; {kind!r} has none "
+                                   f"(got {text!r})")
         return Variant(name=kind, kind=kind)
     backend = backend or "auto"
     if backend not in RESNET_FAST_BACKENDS:
         raise BenchConfigError(f"unknown resnet_fast backend {backend!r} in {text!r}; "
                                f"choose one of {', '.join(RESNET_FAST_BACKENDS)}")
-    name = "resnet_fast" if backend == "auto" else f"resnet_fast:{backend}"
-    return Variant(name=name, kind=kind, backend=backend)
+    name = ("resnet_fast" if backend == "auto" else f"resnet_fast:{backend}") + (f"+{FUSED_OPTION}" if plus else "")
+    return Variant(name=name, kind=kind, backend=backend, fused_training=bool(plus))
 
 
 def parse_variants(text: str) -> tuple[Variant, ...]:
@@ -288,15 +307,17 @@ def timing_spread(timings_ms: list[float]) -> float:
     return (max(timings_ms) - min(timings_ms)) / median_ms(timings_ms)
 
 
-# The operators whose backend a variant's label reports, per mode.
-LABEL_OPERATORS = {"train": ("conv_bn_act", "batch_norm_act"), "infer": ("conv2d_bias_act", "batch_norm_act")}
+# The operators whose backend a variant's label reports, per mode (fused training: its own).
+LABEL_OPERATORS = {"train": ("conv_bn_act", "batch_norm_act"), "infer": ("conv2d_bias_act", "batch_norm_act"),
+                   "train+fused": ("conv2d_stats",)}
 
 
-def backends_that_run(config: BenchConfig, mode: str) -> list[str]:
+def backends_that_run(config: BenchConfig, mode: str, fused_training: bool = False) -> list[str]:
     """The backends the current choice runs the model's operators with on this run's device
-    and dtype (asked of :func:`resnet_fast.ops.dispatch.chosen_backend`), in first-use order."""
+    and dtype (asked of :func:`resnet_fast.ops.dispatch.chosen_backend`), in first-use order;
+    ``fused_training``: those of a fused-training step (``conv2d_stats``)."""
     example = torch.empty(2, 8, 4, 4, device=config.device, dtype=DTYPES[config.dtype])
-    names = [chosen_backend(op, example) for op in LABEL_OPERATORS[mode]]
+    names = [chosen_backend(op, example) for op in LABEL_OPERATORS[f"{mode}+fused" if fused_training else mode]]
     return list(dict.fromkeys(name for name in names if name is not None))
 
 
@@ -494,6 +515,8 @@ def build_model(config: BenchConfig, variant: Variant, state: dict[str, torch.Te
     else:
         model = getattr(torchvision.models, config.model)(weights=None, num_classes=config.num_classes)
     model.load_state_dict(state, strict=True)
+    if variant.fused_training:
+        resnet_fast.nn.enable_fused_training(model)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(device=config.device, memory_format=memory_format)
     return torch.compile(model) if variant.kind == "compile" else model
@@ -551,11 +574,20 @@ def autocast(config: BenchConfig) -> torch.autocast:
     return runtime_autocast(config.device, config.dtype, cache_enabled=not config.cuda_graphs)
 
 
+def make_optimizer(model: nn.Module, config: BenchConfig) -> torch.optim.SGD:
+    """SGD (momentum 0.9, lr 0.1, weight decay 1e-4): foreach (torch's CUDA default) on every
+    device, one well-defined step named _foreach_* in profiles; under CUDA graphs the capturable
+    form, fused with the learning rate as a device tensor."""
+    if config.cuda_graphs:
+        return torch.optim.SGD(model.parameters(), lr=torch.tensor(0.1, device=config.device), momentum=0.9,
+                               weight_decay=1e-4, fused=True)
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=True)
+
+
 def make_train_plan(model: nn.Module, config: BenchConfig) -> StepPlan:
     """Forward, cross-entropy, backward, SGD step (GradScaler under fp16), zero_grad."""
     model.train()
-    # foreach (torch's CUDA default) on every device: one well-defined step, named _foreach_* in profiles
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=True)
+    optimizer = make_optimizer(model, config)
     scaler = grad_scaler(config.device, config.dtype)
 
     def forward_backward(images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -570,7 +602,7 @@ def make_train_plan(model: nn.Module, config: BenchConfig) -> StepPlan:
     def reset() -> None:
         optimizer.zero_grad(set_to_none=True)
 
-    if scaler.is_enabled():
+    if scaler.is_enabled() and not config.cuda_graphs:  # foreach SGD: the scaler's inf check syncs
         return StepPlan(forward_backward, optimizer_step, reset,
                         captured="forward, loss and backward; the GradScaler's inf check syncs the host, "
                                  "so its SGD step runs eagerly after each replay")
@@ -579,7 +611,9 @@ def make_train_plan(model: nn.Module, config: BenchConfig) -> StepPlan:
         forward_backward(images, labels)
         optimizer_step()
 
-    return StepPlan(whole_step, _nothing, reset, captured="forward, loss, backward and SGD step")
+    scaled = ", with the GradScaler's inf check and update" if scaler.is_enabled() else ""
+    sgd = "fused SGD step (learning rate a device tensor)" if config.cuda_graphs else "SGD step"
+    return StepPlan(whole_step, _nothing, reset, captured=f"forward, loss, backward and {sgd}{scaled}")
 
 
 def make_infer_plan(model: nn.Module, config: BenchConfig) -> StepPlan:
@@ -756,7 +790,7 @@ def measure(config: BenchConfig, variant: Variant, mode: str, state: dict[str, t
     trace_path = trace_file(config.trace_dir, variant.name, mode) if config.trace_dir else None
     return Measurement(
         variant=variant.name,
-        label=variant_label(variant, backends_that_run(config, mode)),
+        label=variant_label(variant, backends_that_run(config, mode, variant.fused_training)),
         spread=timing_spread(timings),
         mode=mode,
         timings_ms=timings,
@@ -776,6 +810,9 @@ def run_variant(config: BenchConfig, variant: Variant, state: dict[str, torch.Te
     or its CUDA graph cannot be captured."""
     device = torch.device(config.device)
     for mode in config.modes:
+        if variant.fused_training and mode != "train":
+            report.skipped.append(Skipped(variant.name, (mode,), [FUSED_INFERENCE_SKIP]))
+            continue
         try:
             with resnet_fast_backend(variant):
                 report.measurements.append(measure(config, variant, mode, state, batches))
@@ -822,10 +859,12 @@ def results_table(report: BenchReport) -> Table:
     baselines = sorted({m.baseline for m in report.measurements if m.baseline})
     graphs = " (CUDA graphs)" if report.config.cuda_graphs else ""
     table = Table(title=f"{report.config.model} throughput{graphs}", title_justify="left")
+    # the labels are never shortened: a narrow terminal shortens the numbers' headers instead
+    label_width = max((len(m.shown) for m in report.measurements), default=0)
     for header in ("variant", "mode", "images/s", "ms/step (median)", "spread", "peak memory (GiB)",
                    "compile (s)", f"speedup vs {'/'.join(baselines) or 'eager'}"):
         justify = "left" if header in ("variant", "mode") else "right"
-        table.add_column(header, justify=justify, no_wrap=True)
+        table.add_column(header, justify=justify, no_wrap=True, min_width=label_width if header == "variant" else None)
     for m in report.measurements:
         table.add_row(m.shown, m.mode, f"{m.images_per_s:,.1f}", f"{m.median_ms:.2f}",
                       "-" if m.spread is None else f"{m.spread:.0%}",

@@ -91,7 +91,8 @@ class Target:
 class BenchSpec(Generic[T]):
     """One benchmark: a case of a bench function, on a target, in a pass, for a variant.
 
-    ``variant`` is ``"eager"``, ``"compile"`` or ``"resnet_fast:<backend>"``.
+    ``variant`` is ``"eager"``, ``"compile"`` or ``"resnet_fast:<backend>"``, the last
+    optionally ``+fused`` (fused training: :func:`resnet_fast.nn.enable_fused_training`).
     """
 
     level: str  # "op", "block" or "model"
@@ -104,8 +105,13 @@ class BenchSpec(Generic[T]):
     @property
     def backend(self) -> str | None:
         """The resnet_fast backend of a ``resnet_fast:<backend>`` variant, else None."""
-        kind, _, backend = self.variant.partition(":")
+        kind, _, backend = self.variant.removesuffix("+fused").partition(":")
         return backend if kind == "resnet_fast" else None
+
+    @property
+    def fused_training(self) -> bool:
+        """Whether the variant trains with the convolution fusion (``+fused``)."""
+        return self.variant.endswith("+fused")
 
     @property
     def key(self) -> str:
@@ -114,8 +120,9 @@ class BenchSpec(Generic[T]):
 
     @property
     def id(self) -> str:
-        """The pytest id: ``bf16-nhwc-256x256x56x56-fwd-eager``; ``rf_<backend>`` for resnet_fast."""
-        variant = f"rf_{self.backend}" if self.backend else self.variant
+        """The pytest id: ``bf16-nhwc-256x256x56x56-fwd-eager``; ``rf_<backend>`` for resnet_fast,
+        ``rf_<backend>_fused`` with fused training."""
+        variant = f"rf_{self.backend}{'_fused' if self.fused_training else ''}" if self.backend else self.variant
         return f"{self.target.id}-{self.case.id}-{self.pass_}-{variant}"
 
 

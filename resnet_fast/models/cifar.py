@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from resnet_fast.models.weights import load_weights, resolve_weights
 from resnet_fast.nn.batch_norm_act import BatchNormAct2d
 from resnet_fast.nn.blocks import BasicBlock, conv1x1, conv3x3
-from resnet_fast.nn.conv_bn_act import conv_bn_act_forward
+from resnet_fast.nn.stem import stem_forward
 
 __all__ = [
     "CifarResNet",
@@ -86,7 +86,14 @@ class CifarResNet(nn.Module):
 
     Submodules: ``conv1``, ``bn1``, ``relu``, ``layer1``-``layer3`` (``nn.Sequential`` of
     :class:`~resnet_fast.nn.BasicBlock`), ``avgpool``, ``fc``.
+
+    ``fused_training`` (not in the state dict; set by
+    :func:`~resnet_fast.nn.enable_fused_training`; the default None: where measured
+    faster, as the blocks'): the stem trains as ``conv2d_stats``
+    + ``scale_shift_act`` (:func:`~resnet_fast.nn.stem.stem_forward`).
     """
+
+    fused_training: bool | None = None
 
     def __init__(
         self,
@@ -136,7 +143,7 @@ class CifarResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = conv_bn_act_forward(x, self.conv1, self.bn1, relu=True)
+        x = stem_forward(x, self.conv1, self.bn1, fused_training=self.fused_training)
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)

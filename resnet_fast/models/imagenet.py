@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from resnet_fast.models.weights import load_weights, num_classes_for, resolve_weights
 from resnet_fast.nn.batch_norm_act import BatchNormAct2d
 from resnet_fast.nn.blocks import BasicBlock, Bottleneck, conv1x1
-from resnet_fast.nn.conv_bn_act import conv_bn_act_forward
+from resnet_fast.nn.stem import stem_forward
 
 __all__ = [
     "ResNet",
@@ -53,7 +53,14 @@ class ResNet(nn.Module):
             of striding.
         norm_layer: BatchNorm factory, default :class:`~resnet_fast.nn.BatchNormAct2d`;
             ``nn.BatchNorm2d`` is fused the same way, other norms run unfused.
+
+    ``fused_training`` (not in the state dict; set by
+    :func:`~resnet_fast.nn.enable_fused_training`; the default None: where measured
+    faster, as the blocks'): the stem trains as ``conv2d_stats``
+    + ``scale_shift_act`` (:func:`~resnet_fast.nn.stem.stem_forward`), as the blocks do.
     """
+
+    fused_training: bool | None = None
 
     def __init__(
         self,
@@ -136,8 +143,7 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def _forward_impl(self, x: Tensor) -> Tensor:
-        x = conv_bn_act_forward(x, self.conv1, self.bn1, relu=True)
-        x = self.maxpool(x)
+        x = stem_forward(x, self.conv1, self.bn1, self.maxpool, self.fused_training)
 
         x = self.layer1(x)
         x = self.layer2(x)

@@ -10,6 +10,7 @@ from resnet_fast.nn.conv_bn_act import (
     is_foldable,
     is_fusable,
 )
+from resnet_fast.nn.stem import stem_forward
 from resnet_fast.nn.sync_batch_norm_act import SyncBatchNormAct2d, convert_sync_batchnorm
 from resnet_fast.nn.timm_blocks import TimmBasicBlock, TimmBottleneck
 
@@ -28,4 +29,5 @@ __all__ = [
     "fold_batch_norm",
     "is_foldable",
     "is_fusable",
+    "stem_forward",
 ]

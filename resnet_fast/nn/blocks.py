@@ -82,13 +82,16 @@ def fused_training_forward(block: nn.Module, pairs: list[tuple[nn.Module, nn.Mod
 
 
 def enable_fused_training(model: nn.Module, enabled: bool | None = True) -> int:
-    """Set ``fused_training`` on every :class:`BasicBlock` / :class:`Bottleneck` of ``model``
-    (True forces the fused pattern, False the default one, None follows the measurements);
-    returns how many blocks were set."""
-    blocks = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck))]
-    for block in blocks:
-        block.fused_training = enabled
-    return len(blocks)
+    """Set ``fused_training`` on every module of ``model`` that has the switch: each
+    :class:`BasicBlock` / :class:`Bottleneck`, and the stem of a resnet_fast ResNet
+    (:class:`resnet_fast.models.ResNet`, :class:`~resnet_fast.models.CifarResNet`, or a
+    torchvision ResNet after :func:`resnet_fast.convert`; see :mod:`resnet_fast.nn.stem`).
+    True forces the fused pattern, False the default one, None follows the measurements
+    (:mod:`resnet_fast.nn.fused_training_defaults`). Returns how many modules were set."""
+    switched = [m for m in model.modules() if hasattr(type(m), "fused_training")]
+    for module in switched:
+        module.fused_training = enabled
+    return len(switched)
 
 
 def _adopt_children(block: nn.Module, source: nn.Module) -> nn.Module:

@@ -66,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--backend", choices=BACKENDS, default="auto", help="resnet_fast backend (default auto)")
     add("--eager", action="store_true", help="train the plain PyTorch (torchvision) model instead, for comparison")
     add("--compile", action="store_true", help="torch.compile the model")
+    add("--fused-training", action=argparse.BooleanOptionalAction,
+        help="train with the convolution fusion (resnet_fast.nn.enable_fused_training, stem included): each "
+             "convolution gives its BatchNorm's statistics, the next applies that BatchNorm and ReLU while "
+             "loading; --no-fused-training never (default: where measured faster on this GPU and dtype)")
+    add("--cuda-graphs", action="store_true",
+        help="capture the whole training step (forward, backward, fused SGD step with the learning rate as a "
+             "tensor; GradScaler under fp16) in a CUDA graph after a few eager warm-up steps on a side stream, "
+             "and replay it (GPU only; one process; not with --compile)")
     add("--sync-bn", action="store_true", help="synchronize BatchNorm statistics over all processes")
     add("--resume", metavar="PATH",
         help="continue from a checkpoint (a checkpoint.pt, or the --out folder) with the same settings; a longer "

@@ -46,6 +46,8 @@ class Options:
     backend: str = "auto"
     eager: bool = False
     compile: bool = False
+    fused_training: bool | None = None  # None: resnet_fast.nn.fused_training_defaults decides
+    cuda_graphs: bool = False
     sync_bn: bool = False
     resume: str | None = None
     seed: int = 0
@@ -88,6 +90,8 @@ class TrainConfig:
     backend: str
     eager: bool
     compile: bool
+    fused_training: bool | None
+    cuda_graphs: bool
     sync_bn: bool
     resume: str | None
     seed: int
@@ -117,13 +121,32 @@ class TrainConfig:
                  else "constant")
         return "\n".join([
             f"recipe {self.recipe} | model {self.model} ({'eager PyTorch' if self.eager else 'resnet_fast'}"
-            f"{'' if self.eager else ', backend ' + self.backend}{', torch.compile' if self.compile else ''})",
+            f"{'' if self.eager else ', backend ' + self.backend}{_FUSED_TRAINING_NOTE[self.fused_training]}"
+            f"{', torch.compile' if self.compile else ''}{', CUDA graphs' if self.cuda_graphs else ''})",
             f"batch {self.batch_size}{f' in {self.accumulate} accumulation steps' if self.accumulate > 1 else ''} "
             f"| SGD lr {self.lr} momentum {self.momentum} weight decay {self.weight_decay} | {length}, lr {decay}"
             f"{' | warm-up at lr/10 until training error < 80%' if self.warmup else ''}",
             f"device {self.device} | dtype {self.dtype} | channels_last {'on' if self.channels_last else 'off'} "
             f"| seed {self.seed} | output {self.out}",
         ])
+
+
+_FUSED_TRAINING_NOTE = {None: "", True: ", fused training", False: ", fused training off"}
+
+
+def check_cuda_graphs(options: Options, device: str, world_size: int) -> None:
+    """Refuse ``--cuda-graphs`` where the whole step cannot be captured, naming the combination."""
+    if not options.cuda_graphs:
+        return
+    if torch.device(device).type != "cuda":
+        raise ConfigError(f"--cuda-graphs needs a CUDA device, but this run is on {device} (CUDA graphs "
+                          "capture GPU kernels); drop --cuda-graphs or train on a GPU")
+    if options.compile:
+        raise ConfigError("--cuda-graphs cannot be combined with --compile: torch.compile captures its own "
+                          "graphs (mode='reduce-overhead'); choose one")
+    if world_size > 1:
+        raise ConfigError(f"--cuda-graphs with {world_size} processes: capturing DistributedDataParallel's "
+                          "gradient all-reduce is not supported; run one process or drop --cuda-graphs")
 
 
 def _positive(name: str, value: int | float | None) -> None:
@@ -209,6 +232,10 @@ def resolve_config(options: Options, cuda_available: bool, cuda_bf16: bool, worl
     if options.compile and options.deterministic:
         raise ConfigError("--deterministic cannot be combined with --compile (inductor's kernels are not "
                           "covered by torch.use_deterministic_algorithms)")
+    if options.fused_training and options.eager:
+        raise ConfigError("--fused-training is resnet_fast's convolution fusion; --eager trains the plain "
+                          "PyTorch model, which has none: drop one of them")
+    check_cuda_graphs(options, device, world_size)
     warmup = options.warmup if options.warmup is not None else model in recipe.warmup_models
 
     return TrainConfig(
@@ -224,7 +251,8 @@ def resolve_config(options: Options, cuda_available: bool, cuda_bf16: bool, worl
         synthetic_images=options.synthetic_images or DEFAULT_SYNTHETIC_BATCHES * batch_size,
         workers=options.workers, dtype=dtype,
         channels_last=options.channels_last if options.channels_last is not None else on_gpu,
-        backend=options.backend, eager=options.eager, compile=options.compile, sync_bn=options.sync_bn,
+        backend=options.backend, eager=options.eager, compile=options.compile,
+        fused_training=options.fused_training, cuda_graphs=options.cuda_graphs, sync_bn=options.sync_bn,
         resume=options.resume, seed=options.seed, device=device, val_split=options.val_split,
         ten_crop=options.ten_crop, stop_after=options.stop_after, log_every=options.log_every,
         deterministic=options.deterministic, progress=options.progress,

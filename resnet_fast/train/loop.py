@@ -8,6 +8,21 @@ updates the running statistics once per chunk). The loss of a chunk is its summe
 cross-entropy divided by the local batch, so the gradient is that of the mean over the
 global batch, with DDP averaging over processes.
 
+With ``fused_training`` True (False) every block and the stem train with (without) the
+convolution fusion (:func:`resnet_fast.nn.enable_fused_training`); None leaves the
+measured default (:mod:`resnet_fast.nn.fused_training_defaults`).
+
+With ``cuda_graphs`` the whole step — forward, loss, backward, the meters, the optimizer
+step (and the GradScaler's inf check and scale update under fp16) — is captured once in a
+CUDA graph and replayed on a static copy of each batch, as NVIDIA's MLPerf ResNet does.
+The first :data:`CUDA_GRAPH_WARMUP_STEPS` steps run eagerly on a side stream (they are
+real steps of the run): they autotune the Triton kernels and cuDNN for these shapes and
+create the optimizer's state, so nothing tunes or allocates anew inside the capture. The
+optimizer is then a fused SGD whose learning rate is a device tensor (the schedulers and
+the warm-up change it in place, so the replays see every change), and GradScaler passes
+its scale and inf flag to that optimizer without a host sync. Gradients are never reset
+between replays: each replay's backward writes them afresh.
+
 Under ``torchrun`` (``WORLD_SIZE`` > 1) every process trains its share of each global
 batch in DistributedDataParallel (NCCL on GPUs, gloo on the CPU); only rank 0 writes
 checkpoints, metrics, progress bars and the summary. Evaluation runs each process on its
@@ -26,7 +41,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -53,6 +68,7 @@ from resnet_fast.train.data import build_data
 from resnet_fast.train.metrics import PLOT_NAME, Meter, MeterReading, MetricsLog, plot_curves, read_metrics
 from resnet_fast.train.models import build_model, convert_sync_batchnorm
 
+CUDA_GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before the capture (autotuning, optimizer state)
 WARMUP_ERROR = 80.0  # % top-1 training error under which the ResNet-110 warm-up ends
 WARMUP_FACTOR = 0.1  # warm-up learning rate / base learning rate (0.01 / 0.1)
 SUMMARY_NAME = "summary.json"
@@ -135,6 +151,59 @@ class Position:
     last_eval: dict[str, float] | None = None
 
 
+def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.SGD:
+    """SGD with the run's momentum and weight decay; under CUDA graphs the capturable form:
+    fused, with the learning rate as a device tensor (changed in place by the schedulers)."""
+    if config.cuda_graphs:
+        return torch.optim.SGD(model.parameters(), lr=torch.tensor(config.lr, device=device),
+                               momentum=config.momentum, weight_decay=config.weight_decay, fused=True)
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay)
+
+
+class GraphedStep:
+    """A training step captured once in a CUDA graph and replayed on static batch buffers.
+
+    ``body(images, labels)`` is the whole step. The first :data:`CUDA_GRAPH_WARMUP_STEPS`
+    calls of :meth:`step` run it eagerly on a side stream (then ``zero_grad``); the next
+    captures it on a static copy of its batch and replays the graph; later calls copy their
+    batch into the static buffers and replay. Batches must keep the captured shape.
+    """
+
+    def __init__(self, body: Callable[[Tensor, Tensor], None], device: torch.device,
+                 warmup_steps: int = CUDA_GRAPH_WARMUP_STEPS) -> None:
+        self.body, self.device, self.warmup_steps = body, device, warmup_steps
+        self.eager_steps = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static: tuple[Tensor, Tensor] | None = None
+
+    def step(self, images: Tensor, labels: Tensor, zero_grad: Callable[[], None]) -> None:
+        """One training step on (images, labels): eager warm-up, capture, or replay."""
+        if self.graph is None and self.eager_steps < self.warmup_steps:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.body(images, labels)
+                zero_grad()  # the capture's backward then allocates the gradients in the graph's pool
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.eager_steps += 1
+            return
+        if self.graph is None:
+            self.static = (images.clone(), labels.clone())
+            graph = torch.cuda.CUDAGraph()
+            # thread-local: the data loader's pin-memory thread keeps working during the capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.body(*self.static)
+            self.graph = graph
+        else:
+            for static, batch in zip(self.static, (images, labels)):
+                if static.shape != batch.shape:
+                    raise RuntimeError(f"--cuda-graphs replays a step captured for batches of shape "
+                                       f"{tuple(static.shape)}, got {tuple(batch.shape)}")
+                static.copy_(batch, non_blocking=True)
+        self.graph.replay()
+
+
 def seed_everything(seed: int) -> None:
     """Seed torch (CPU and CUDA), Python's ``random`` and numpy."""
     torch.manual_seed(seed)
@@ -169,6 +238,8 @@ class Trainer:
             self.extended_from = checkpoint["run"]["length"]
 
         self.module = build_model(config.model, self.data.num_classes, config.eager)
+        if config.fused_training is not None and not config.eager:  # None: the measured default
+            resnet_fast.nn.enable_fused_training(self.module, config.fused_training)
         self.module.to(device=device, memory_format=self.memory_format)
         if checkpoint is not None:
             self.module.load_state_dict(checkpoint["model"])
@@ -182,8 +253,7 @@ class Trainer:
         self.model = torch.compile(model) if config.compile else model
         self.eval_model = torch.compile(self.module) if config.compile else self.module
 
-        self.optimizer = torch.optim.SGD(self.module.parameters(), lr=config.lr, momentum=config.momentum,
-                                         weight_decay=config.weight_decay)
+        self.optimizer = build_optimizer(self.module, config, device)
         self.scaler = grad_scaler(device, config.dtype)
         self.scheduler: Any = (
             torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="min", factor=config.lr_decay,
@@ -196,6 +266,7 @@ class Trainer:
         self.batches_per_epoch = self.data.sampler.batches_per_epoch
         self.total_iterations = config.length * (self.batches_per_epoch if config.unit == "epochs" else 1)
         self.total_epochs = math.ceil(self.total_iterations / self.batches_per_epoch)
+        self.graph = GraphedStep(self._step_body, device) if config.cuda_graphs else None
         if checkpoint is not None:
             self._restore(checkpoint)
             if self.extended_from is not None:
@@ -206,7 +277,8 @@ class Trainer:
                               self.position.iteration if checkpoint is not None else None)
         self._interval_start = (time.perf_counter(), self.position.iteration)
         self._epoch_start = time.perf_counter()
-        self.step_lr = self.lr  # the learning rate of the last step taken
+        lr = self.optimizer.param_groups[0]["lr"]
+        self._step_lr: float | Tensor = lr.clone() if isinstance(lr, Tensor) else lr  # of the last step taken
 
     # ------------------------------------------------------------------------- setup
 
@@ -220,6 +292,11 @@ class Trainer:
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
+        for group in self.optimizer.param_groups:  # a checkpoint may come from a run with the other form
+            if self.config.cuda_graphs:
+                group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
+            elif isinstance(group["lr"], Tensor):
+                group["lr"] = float(group["lr"])
         self.scaler.load_state_dict(checkpoint["scaler"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.warmup.load_state_dict(checkpoint["warmup"])
@@ -267,7 +344,20 @@ class Trainer:
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        """The optimizer's current learning rate (a host sync when it is a device tensor)."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    @property
+    def step_lr(self) -> float:
+        """The learning rate of the last step taken."""
+        return float(self._step_lr)
+
+    def _record_step_lr(self) -> None:
+        lr = self.optimizer.param_groups[0]["lr"]
+        if isinstance(lr, Tensor):
+            self._step_lr.copy_(lr)  # on the device: no host sync per step
+        else:
+            self._step_lr = lr
 
     def say(self, message: str) -> None:
         """Print on rank 0."""
@@ -285,23 +375,34 @@ class Trainer:
     def train_step(self, images: Tensor, labels: Tensor) -> None:
         """One optimizer step on this process's share of a global batch."""
         images, labels = self._to_device(images, labels)
+        self._record_step_lr()
+        if self.graph is not None:
+            self.graph.step(images, labels, zero_grad=lambda: self.optimizer.zero_grad(set_to_none=True))
+            return
+        self._step_body(images, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _step_body(self, images: Tensor, labels: Tensor) -> None:
+        """Forward, loss and backward of each accumulation chunk, the meters, the optimizer
+        step and the GradScaler's update: what a CUDA graph captures."""
         chunks = self.config.accumulate
         for index, (x, y) in enumerate(zip(images.chunk(chunks), labels.chunk(chunks))):
             defer_sync = self.ddp is not None and index < chunks - 1
             with self.ddp.no_sync() if defer_sync else nullcontext():
-                with autocast(self.device, self.config.dtype):
+                # the autocast weight cache cannot live across a CUDA graph's capture
+                with autocast(self.device, self.config.dtype, cache_enabled=self.graph is None):
                     logits = self.model(x)
                     loss_sum = F.cross_entropy(logits, y, reduction="sum")
                 self.scaler.scale(loss_sum / len(labels)).backward()
             self.meter.update(logits.detach(), y, loss_sum)
-        self.step_lr = self.lr
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
 
     @torch.no_grad()
     def evaluate(self) -> MeterReading:
         """Loss and errors on the evaluation set (ten-crop batches average the crops' softmax)."""
+        if self.graph is not None:  # replays update the weights without bumping their version counters
+            resnet_fast.nn.clear_fold_cache()
         self.eval_model.eval()
         for images, labels in self.data.eval_batches():
             images, labels = self._to_device(images, labels)
@@ -421,6 +522,7 @@ class Trainer:
         summary = {
             "recipe": config.recipe, "model": config.model, "eager": config.eager,
             "backend": None if config.eager else config.backend, "dtype": config.dtype,
+            "fused_training": config.fused_training, "cuda_graphs": config.cuda_graphs,
             "processes": self.processes.world_size, "iterations": position.iteration, "epochs": position.epoch,
             "images_per_s": position.images / max(position.train_seconds, 1e-9),
             "train_seconds": position.train_seconds, "final_eval": position.last_eval,

@@ -43,8 +43,10 @@ class Meter:
         """Add a batch: ``logits`` (N, classes) — or (N, crops, classes), averaged — and the
         batch's summed loss."""
         hits = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == labels[:, None]
+        # the count by a fill, not a host-to-device copy: a CUDA graph can capture it
+        count = torch.full((), float(len(labels)), dtype=torch.float64, device=labels.device)
         batch = torch.stack([loss_sum.detach().double(), hits[:, 0].sum().double(),
-                             hits.any(dim=1).sum().double(), torch.tensor(len(labels), device=labels.device).double()])
+                             hits.any(dim=1).sum().double(), count])
         self.sums += batch
 
     def read(self, reset: bool = True) -> MeterReading:
