@@ -594,7 +594,7 @@ def summary_lines(stage: Stage, stage_record: dict[str, Any], records: list[dict
     for r in records:
         if r["type"] == "measurement" and r["kind"] == "throughput":
             memory = "n/a" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f} GiB"
-            lines.append(f"- {r['group']}: {r['variant']} {r['mode']}: {r['images_per_s']:,.1f} img/s, "
+            lines.append(f"- {r['group']}: {r.get('label') or r['variant']} {r['mode']}: {r['images_per_s']:,.1f} img/s, "
                          f"{r['median_ms']:.2f} ms, {memory}")
         elif r["type"] == "measurement" and r["kind"] == "primitive":
             multiple = "n/a" if r["floor_multiple"] is None else f"{r['floor_multiple']:.2f}x floor"
