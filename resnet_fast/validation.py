@@ -412,3 +412,6 @@ def clear_cache() -> None:
     _records.cache_clear()
     _lookup.cache_clear()
     backend_fingerprint.cache_clear()
+    from resnet_fast.ops.dispatch import clear_dispatch_cache  # decisions made from the old records
+
+    clear_dispatch_cache()

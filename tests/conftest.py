@@ -48,6 +48,31 @@ def conv_bn_parameters(conv, bn) -> list[tuple[str, torch.Tensor]]:
     return [(f"conv.{n}", p) for n, p in conv.named_parameters()] + [(f"bn.{n}", p) for n, p in bn.named_parameters()]
 
 
+def strided_per_channel(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The values of the 1-D ``t`` as a non-contiguous view (stride 2) whose gaps hold NaN.
+
+    A kernel that assumes stride 1 reads NaN or another channel's value and fails the
+    comparison with contiguous arguments. Differentiable: the view keeps ``t``'s autograd
+    history (make ``t`` a leaf first and take gradients with ``torch.autograd.grad``).
+    ``None`` stays ``None``.
+    """
+    if t is None:
+        return None
+    gaps = torch.full_like(t, float("nan")).detach()
+    view = torch.stack([t, gaps], dim=1)[:, 0]
+    assert view.stride() == (2,) and not view.is_contiguous()
+    return view
+
+
+def strided_buffer(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(view, gaps): a copy of the 1-D buffer ``t`` as a stride-2 view of a larger storage, for
+    operators that write into it in place, and the view of the storage between its elements
+    (NaN; an operator that writes there is wrong)."""
+    storage = torch.full((t.shape[0], 2), float("nan"), dtype=t.dtype, device=t.device)
+    storage[:, 0] = t
+    return storage[:, 0], storage[:, 1]
+
+
 def poisoned_empty(*args, **kwargs) -> torch.Tensor:
     """``torch.empty`` filled with NaN (floating point): a kernel that leaves any element
     of its output unwritten fails the comparison. Tests swap it in for a launcher's
@@ -86,6 +111,20 @@ def import_kernel_module(name: str):
     if TRITON_INTERPRETER and not module.INTERPRETED:
         pytest.fail(f"{name}'s kernels are not interpreted although TRITON_INTERPRET=1")
     return module
+
+
+@pytest.fixture
+def reference_backend():
+    """``set_backend("torch")`` for the test, restored afterwards: the modules then run the
+    fused operators' reference composition (what the fused kernels are tested against)
+    instead of the default native path, which runs torchvision's own aten operators and is
+    tested in test_native_path.py."""
+    import resnet_fast
+
+    before = resnet_fast.get_backend()
+    resnet_fast.set_backend("torch")
+    yield
+    resnet_fast.set_backend(before)
 
 
 def pytest_configure(config):

@@ -1,4 +1,5 @@
-"""Bad input raises an error that names the problem, and mutates no running statistic."""
+"""Bad input raises an error that names the problem, and mutates no running statistic,
+on the native path (the default on the CPU) and through the operators (``torch``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,16 @@ import torch
 from conftest import requires_gpu
 from torch import nn
 
+import resnet_fast
 from resnet_fast.nn import BatchNormAct2d, ConvBNAct2d
+
+
+@pytest.fixture(autouse=True, params=["auto", "torch"])
+def backend(request):
+    before = resnet_fast.get_backend()
+    resnet_fast.set_backend(request.param)
+    yield request.param
+    resnet_fast.set_backend(before)
 
 
 def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -21,7 +31,10 @@ def _assert_untouched(module: nn.Module, before: dict[str, torch.Tensor]) -> Non
 
 BN_CASES = [
     ("rank", lambda: torch.randn(4, 3, 5), None, ValueError, "4-D"),
-    ("channels", lambda: torch.randn(4, 5, 3, 3), None, ValueError, "weight must have shape (5,)"),
+    ("channels", lambda: torch.randn(4, 5, 3, 3), None, ValueError,
+     "input has 5 channels but this BatchNormAct2d has num_features=3"),
+    ("float64 input", lambda: torch.randn(4, 3, 3, 3, dtype=torch.float64), None, TypeError,
+     "input is torch.float64 but weight is torch.float32"),
     ("integer dtype", lambda: torch.ones(4, 3, 3, 3, dtype=torch.int32), None, TypeError, "input must be float16"),
     ("residual shape", lambda: torch.randn(4, 3, 3, 3), lambda: torch.randn(4, 3, 2, 3), ValueError, "residual must have the same shape"),
     ("residual dtype", lambda: torch.randn(4, 3, 3, 3), lambda: torch.ones(4, 3, 3, 3, dtype=torch.long), TypeError, "residual must be float16"),
@@ -67,6 +80,43 @@ def test_parameter_on_other_device_is_named():
     with pytest.raises(ValueError, match="running_mean is on meta"):
         module(torch.randn(4, 3, 2, 2))
     assert module.num_batches_tracked.item() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+def test_low_precision_input_on_float32_module_is_accepted_like_torch(dtype, training):
+    """nn.BatchNorm2d takes a float16/bfloat16 input with float32 parameters (autocast relies
+    on it) and returns the input's dtype; so does BatchNormAct2d, updating the statistics."""
+    ours, ref = BatchNormAct2d(3).train(training), nn.BatchNorm2d(3).train(training)
+    x = torch.randn(4, 3, 2, 2).to(dtype)
+    out, expected = ours(x), ref(x)
+    assert out.dtype == expected.dtype == dtype
+    torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item()
+
+
+@pytest.mark.parametrize("x_dtype, module_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float64),
+                                                   (torch.float32, torch.float16), (torch.float16, torch.bfloat16)])
+def test_dtype_mixes_torch_refuses_are_refused_naming_both(x_dtype, module_dtype):
+    ref = nn.BatchNorm2d(3).to(module_dtype)
+    with pytest.raises(RuntimeError, match="mixed dtype"):
+        ref(torch.randn(4, 3, 2, 2, dtype=x_dtype))
+    ours = BatchNormAct2d(3).to(module_dtype)
+    before = _snapshot(ours)
+    with pytest.raises(TypeError, match=f"input is {x_dtype} but weight is {module_dtype}"):
+        ours(torch.randn(4, 3, 2, 2, dtype=x_dtype))
+    _assert_untouched(ours, before)
+
+
+def test_float64_residual_is_added_in_place_keeping_the_input_dtype():
+    """As torchvision's ``out += identity``: the output keeps the input's dtype."""
+    x, residual = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    out = BatchNormAct2d(3, relu=True)(x, residual)
+    expected = nn.BatchNorm2d(3)(x)
+    expected += residual
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.relu(expected))
 
 
 def test_eval_without_running_stats_uses_batch_stats_like_torch():

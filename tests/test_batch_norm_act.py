@@ -6,12 +6,25 @@ import copy
 
 import pytest
 import torch
-from conftest import DEVICES, DTYPES, assert_close_to_reference, random_input, relu_with_mask_of, requires_gpu
+from conftest import (
+    DEVICES,
+    DTYPES,
+    assert_close_to_reference,
+    random_input,
+    relu_with_mask_of,
+    requires_gpu,
+    strided_buffer,
+    strided_per_channel,
+)
 from torch import nn
 
 import resnet_fast
 from resnet_fast.nn import BatchNormAct2d
 from resnet_fast.ops.batch_norm_act import batch_norm_act_backward_op, batch_norm_act_op, update_running_stats_op
+
+# The modules here run the fused operators (their torch reference composition), not the
+# default native path (torchvision's own aten operators, tested in test_native_path.py).
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 SHAPES = [(4, 6, 5, 7), (3, 5, 1, 1), (2, 3, 9, 4)]
 # H*W = 1 (ambiguous memory format) in every dtype, NCHW only; the other shapes in both layouts.
@@ -169,6 +182,53 @@ def test_gradcheck(training, residual, relu):
         return batch_norm_act_op(x, w, b, r, *rest)[0]
 
     assert torch.autograd.gradcheck(fn, differentiable)
+
+
+def _assert_same(ours, expected, name):
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_strided_per_channel_vectors_give_the_contiguous_results(device, dtype, channels_last, training):
+    """weight, bias, running_mean, running_var (forward), weight, mean, var (backward) and the
+    four vectors of update_running_stats as stride-2 views with NaN between their elements:
+    exactly the results of contiguous copies, and nothing written between the elements."""
+    g = torch.Generator().manual_seed(9)
+    shape = (3, 5, 4, 3)
+    x = random_input(shape, dtype, channels_last, scale=2.0, shift=0.5, generator=g, device=device)
+    res = random_input(shape, dtype, channels_last, generator=g, device=device)
+    grad = random_input(shape, dtype, channels_last, generator=g, device=device)
+    w = (torch.rand(5, generator=g) + 0.5).to(device)
+    b = torch.randn(5, generator=g).to(device)
+    rm = torch.randn(5, generator=g).to(device)
+    rv = (torch.rand(5, generator=g) + 0.5).to(device)
+
+    out, mean, var = batch_norm_act_op(x, w, b, res, rm, rv, training, 1e-5, True)
+    s_out, s_mean, s_var = batch_norm_act_op(x, *map(strided_per_channel, (w, b)), res,
+                                             *map(strided_per_channel, (rm, rv)), training, 1e-5, True)
+    for name, ours, expected in (("out", s_out, out), ("mean", s_mean, mean), ("var", s_var, var)):
+        _assert_same(ours, expected, name)
+
+    expected = batch_norm_act_backward_op(grad, x, w, mean, var, out, training, 1e-5, True, True)
+    ours = batch_norm_act_backward_op(grad, x, *map(strided_per_channel, (w, mean, var)), out,
+                                      training, 1e-5, True, True)
+    for name, o, e in zip(("grad_input", "grad_weight", "grad_bias", "grad_residual"), ours, expected):
+        _assert_same(o, e, name)
+
+    if training:
+        (rm_view, rm_gaps), (rv_view, rv_gaps) = strided_buffer(rm), strided_buffer(rv)
+        tracked, s_tracked = torch.tensor(2, device=device), torch.tensor(2, device=device)
+        for momentum in (0.1, None):
+            update_running_stats_op(rm, rv, tracked, mean, var, x.numel() // 5, momentum)
+            update_running_stats_op(rm_view, rv_view, s_tracked, *map(strided_per_channel, (mean, var)),
+                                    x.numel() // 5, momentum)
+            _assert_same(rm_view, rm, "running_mean")
+            _assert_same(rv_view, rv, "running_var")
+        assert rm_gaps.isnan().all() and rv_gaps.isnan().all(), "written between a strided buffer's elements"
+        assert s_tracked.item() == tracked.item() == 4
 
 
 def test_update_running_stats_cumulative_average_needs_no_host_value():

@@ -59,7 +59,8 @@ def run_python(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 def smoke_json(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The suite's CPU smoke run (``-m "not gpu"``), as pytest-benchmark JSON."""
     path = tmp_path_factory.mktemp("bench") / "results.json"
-    run_python("pytest", "benchmarks", "-q", "-m", "not gpu", "-p", "no:cacheprovider", "--benchmark-quiet",
+    run_python("pytest", "benchmarks", "-q", "-m", "not gpu and not host_overhead", "-p", "no:cacheprovider",
+               "--benchmark-quiet",
                f"--benchmark-json={path}")
     return {"path": path, **json.loads(path.read_text())}
 

@@ -59,8 +59,7 @@ def gpu(monkeypatch):
 @pytest.fixture
 def tagged(monkeypatch):
     """Every registered kernel replaced by one that returns its backend's name (backends
-    may share a function, as triton and torch do for update_running_stats); the
-    registrations and requirements are restored afterwards."""
+    may share a function); the registrations and requirements are restored afterwards."""
     for name in dispatch.BACKEND_NAMES:
         backend = dispatch.BACKENDS[name]
         monkeypatch.setattr(backend, "kernels", {op: (lambda name=name: name) for op in backend.kernels})

@@ -137,6 +137,7 @@ def test_a_wrong_kernel_fails_its_case(monkeypatch):
     monkeypatch.setitem(dispatch.BACKENDS["triton"].kernels, "batch_norm_act", slightly_wrong)
     monkeypatch.setitem(dispatch.BACKENDS["triton"].kernels, "batch_norm_act_backward",
                         reference.batch_norm_act_backward)
+    monkeypatch.setitem(dispatch.BACKENDS["triton"].kernels, "update_running_stats", reference.update_running_stats)
     monkeypatch.setattr(dispatch.BACKENDS["triton"], "device_check", lambda x: [])
     monkeypatch.setattr(dispatch.BACKENDS["triton"], "availability", lambda: [])
     case = case_lists.batch_norm_act_case((2, 5, 3, 3), torch.float32, False, training=True, residual=True, relu=True)

@@ -20,6 +20,10 @@ from resnet_fast.ops import reference
 from resnet_fast.ops.conv2d_bias_act import conv2d_bias_act, conv2d_bias_act_op
 from resnet_fast.ops.conv2d_stats import conv2d_stats, conv2d_stats_op
 
+# The modules here run the fused operators (their torch reference composition), not the
+# default native path (torchvision's own aten operators, tested in test_native_path.py).
+pytestmark = pytest.mark.usefixtures("reference_backend")
+
 # (C_in, C_out, kernel, stride, padding, H)
 CONVS = {"stem7x7s2": (3, 8, 7, 2, 3, 9), "3x3s1": (6, 5, 3, 1, 1, 6), "3x3s2": (6, 8, 3, 2, 1, 7),
          "1x1s2": (8, 12, 1, 2, 0, 6)}
@@ -184,6 +188,48 @@ def test_conv2d_stats_gradients_when_only_some_outputs_are_used(used):
 
 def _used(names: str) -> list[int]:
     return [("out", "mean", "var").index(n) for n in names.split("+")]
+
+
+def _strided_leaf(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(leaf, view): a leaf twice as long whose every other element is ``t``; the view has stride 2."""
+    leaf = torch.zeros(2 * t.shape[0], dtype=t.dtype)
+    with torch.no_grad():
+        leaf[::2] = t
+    leaf.requires_grad_()
+    return leaf, leaf[::2]
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_non_contiguous_per_channel_vectors(backend):
+    """A strided bias, prologue scale or shift is accepted and gives the contiguous copy's
+    outputs and gradients (the gradient lands in every other element of the leaf)."""
+    import resnet_fast
+
+    before = resnet_fast.get_backend()
+    resnet_fast.set_backend(backend)
+    try:
+        x, w, b, r, scale, shift = _op_args(seed=7, prologue=True)
+        b_leaf, b_view = _strided_leaf(b.detach())
+        assert not b_view.is_contiguous()
+        out = conv2d_bias_act(x, w, b_view, r, stride=2, padding=1, relu=True)
+        expected = conv2d_bias_act(x, w, b, r, stride=2, padding=1, relu=True)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        (grad_b,) = torch.autograd.grad(out.sum(), b_leaf)
+        (expected_b,) = torch.autograd.grad(expected.sum(), b)
+        torch.testing.assert_close(grad_b[::2], expected_b, rtol=0, atol=0)
+        assert not grad_b[1::2].any()
+
+        (sc_leaf, sc_view), (sh_leaf, sh_view) = _strided_leaf(scale.detach()), _strided_leaf(shift.detach())
+        outs = conv2d_stats(x, w, padding=1, prologue_scale=sc_view, prologue_shift=sh_view)
+        expected = conv2d_stats(x, w, padding=1, prologue_scale=scale, prologue_shift=shift)
+        for name, o, e in zip(("output", "mean", "var"), outs, expected):
+            torch.testing.assert_close(o, e, rtol=0, atol=0, msg=name)
+        grads = torch.autograd.grad(sum(o.sum() for o in outs), (sc_leaf, sh_leaf))
+        expected_grads = torch.autograd.grad(sum(e.sum() for e in expected), (scale, shift))
+        for name, g, e in zip(("scale", "shift"), grads, expected_grads):
+            torch.testing.assert_close(g[::2], e, rtol=0, atol=0, msg=name)
+    finally:
+        resnet_fast.set_backend(before)
 
 
 @pytest.mark.parametrize("call,match", [

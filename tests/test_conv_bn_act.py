@@ -11,11 +11,17 @@ from conftest import (
     conv_bn_parameters,
     random_input,
     stock_conv_bn_act,
+    strided_buffer,
+    strided_per_channel,
 )
 from torch import nn
 
 from resnet_fast.nn import ConvBNAct2d
 from resnet_fast.ops.conv_bn_act import conv_bn_act_op
+
+# The modules here run the fused operators (their torch reference composition), not the
+# default native path (torchvision's own aten operators, tested in test_native_path.py).
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 # (in, out, kernel, stride, padding, groups, conv bias): every ResNet conv kind, small.
 CONVS = [
@@ -103,6 +109,46 @@ def _op_args(training=True, residual=True, relu=True, requires_grad=True, stride
     rm = torch.randn(6, dtype=torch.float64, generator=g)
     rv = torch.rand(6, dtype=torch.float64, generator=g) + 0.5
     return (x, w, cb, [stride, stride], [1, 1], [1, 1], 1, bw, bb, r, rm, rv, training, 1e-5, relu)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_strided_per_channel_vectors_give_the_contiguous_results(device, dtype, channels_last, training):
+    """conv_bias, weight, bias, running_mean and running_var as stride-2 views with NaN between
+    their elements: the output, statistics, every gradient and the running statistics equal
+    those of contiguous copies exactly, and nothing is written between the elements."""
+    args = [a.detach().to(device) if isinstance(a, torch.Tensor) else a for a in _op_args(training)]
+    x, conv_w, conv_b, bn_w, bn_b, res, rm, rv = (args[i] for i in (0, 1, 2, 7, 8, 9, 10, 11))
+    x, conv_w, conv_b, res = (t.to(dtype) for t in (x, conv_w, conv_b, res))
+    bn_w, bn_b, rm, rv = (t.float() for t in (bn_w, bn_b, rm, rv))
+    if channels_last:
+        x, res = (t.contiguous(memory_format=torch.channels_last) for t in (x, res))
+    conv_geometry, tail = args[3:7], args[12:]
+    leaves = [t.clone().requires_grad_() for t in (conv_b, bn_w, bn_b)]
+    grad = torch.randn(res.shape, generator=torch.Generator().manual_seed(4)).to(device, dtype)
+
+    def run(cb, bw, bb, running_mean, running_var):
+        outputs = conv_bn_act_op(x, conv_w, cb, *conv_geometry, bw, bb, res, running_mean, running_var, *tail)
+        grads = torch.autograd.grad(outputs[0], leaves, grad)
+        return outputs, grads
+
+    expected, expected_grads = run(*leaves, rm.clone(), rv.clone())
+    strided = [strided_per_channel(t) for t in leaves]
+    ours, grads = run(*strided, strided_per_channel(rm), strided_per_channel(rv))
+    for name, o, e in zip(("out", "conv_out", "mean", "var", "grad conv_bias", "grad weight", "grad bias"),
+                          (*ours, *grads), (*expected, *expected_grads)):
+        torch.testing.assert_close(o, e, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+
+    if training:  # the module's running-statistics update, into strided buffers
+        from resnet_fast.ops.batch_norm_act import update_running_stats_after
+        (rm_view, rm_gaps), (rv_view, rv_gaps) = strided_buffer(rm), strided_buffer(rv)
+        update_running_stats_after(expected[1], expected[2], expected[3], rm, rv, None, True, 0.1)
+        update_running_stats_after(ours[1], ours[2], ours[3], rm_view, rv_view, None, True, 0.1)
+        torch.testing.assert_close(rm_view, rm, rtol=0, atol=0)
+        torch.testing.assert_close(rv_view, rv, rtol=0, atol=0)
+        assert rm_gaps.isnan().all() and rv_gaps.isnan().all()
 
 
 @pytest.mark.parametrize("training", [True, False])

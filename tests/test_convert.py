@@ -21,6 +21,10 @@ import resnet_fast
 from resnet_fast import ConversionReport, convert
 from resnet_fast.nn import BasicBlock, BatchNormAct2d, Bottleneck
 
+# The modules here run the fused operators (their torch reference composition), not the
+# default native path (torchvision's own aten operators, tested in test_native_path.py).
+pytestmark = pytest.mark.usefixtures("reference_backend")
+
 # ----------------------------------------------------------------------------- helpers
 
 

@@ -22,7 +22,15 @@ import os
 
 import pytest
 import torch
-from conftest import assert_close_to_reference, conv_bn_parameters, random_input, relu_with_mask_of, stock_conv_bn_act
+from conftest import (
+    DEVICES,
+    assert_close_to_reference,
+    conv_bn_parameters,
+    random_input,
+    relu_with_mask_of,
+    stock_conv_bn_act,
+    strided_per_channel,
+)
 from torch import nn
 
 import resnet_fast.ops  # noqa: F401  defines the operators and loads resnet_fast._C when built
@@ -200,6 +208,29 @@ def test_stage_ops_take_per_channel_tensors_of_any_float_dtype():
         _assert_rounding_close(out, ref, torch.float16, f"out with {param_dtype} parameters")
         sum_dy, sum_dy_xhat = REDUCE(t["grad_out"], t["x"], t["mean"], t["var"], t["out"], 1e-5, True)
         assert sum_dy.dtype == torch.float32 and sum_dy_xhat.dtype == torch.float32
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("training", [True, False])
+def test_stage_ops_take_strided_per_channel_tensors(device, layout, training):
+    """mean, var, weight, bias, sum_dy and sum_dy_xhat as stride-2 views with NaN between their
+    elements: every stage operator gives exactly the results of contiguous copies."""
+    t = _stage_inputs((3, 5, 4, 6), torch.float16, layout, device=device, param_dtype=torch.float32)
+    per_channel = ("mean", "var", "weight", "bias")
+    strided = {name: strided_per_channel(t[name]) for name in per_channel}
+
+    def stages_of(v):
+        out = APPLY(t["x"], v["mean"], v["var"], v["weight"], v["bias"], t["residual"], 1e-5, True)
+        sums = REDUCE(t["grad_out"], t["x"], v["mean"], v["var"], out, 1e-5, True)
+        sums_arg = sums if v is t else tuple(map(strided_per_channel, sums))
+        grads = BACKWARD_APPLY(t["grad_out"], t["x"], v["weight"], v["mean"], v["var"], out, *sums_arg,
+                               training, 1e-5, True, True)
+        return (out, *sums, *grads)
+
+    names = ("out", "sum_dy", "sum_dy_xhat", "grad_input", "grad_residual")
+    for name, ours, expected in zip(names, stages_of({**t, **strided}), stages_of(t)):
+        assert torch.equal(ours, expected), f"{name} differs with strided per-channel tensors"
 
 
 def test_stage_ops_name_the_bad_argument():

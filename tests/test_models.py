@@ -24,6 +24,10 @@ from resnet_fast import models
 from resnet_fast.models import CifarResNet, PadShortcut
 from resnet_fast.nn import BasicBlock, BatchNormAct2d, Bottleneck
 
+# The modules here run the fused operators (their torch reference composition), not the
+# default native path (torchvision's own aten operators, tested in test_native_path.py).
+pytestmark = pytest.mark.usefixtures("reference_backend")
+
 IMAGENET = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, assert_close_to_reference, random_input, relu_with_mask_of
+from conftest import DEVICES, assert_close_to_reference, random_input, relu_with_mask_of, strided_per_channel
 
 from resnet_fast.ops.scale_shift_act import scale_shift_act, scale_shift_act_op
 
@@ -64,6 +64,26 @@ def test_matches_float64_with_gradients(device, dtype, residual, relu, channels_
         # the gradient of a low-precision leaf is rounded once; the sums are float32
         ref_grad = ref_leaf.grad
         assert_close_to_reference(ours.grad, ref_grad, ref_grad.to(ours.grad.dtype), f"grad_{name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+def test_strided_scale_and_shift_give_the_contiguous_results(device, relu, channels_last):
+    """scale and shift as stride-2 views with NaN between their elements: output and every
+    gradient equal those of contiguous copies exactly."""
+    x, scale, shift, res = _leaves(torch.float16, channels_last, device, torch.float16)
+    grad = random_input(x.shape, torch.float16, channels_last, generator=torch.Generator().manual_seed(2)).to(device)
+    leaves = (x, scale, shift, res)
+
+    def run(scale_arg, shift_arg):
+        out = scale_shift_act(x, scale_arg, shift_arg, res, relu)
+        return (out, *torch.autograd.grad(out, leaves, grad))
+
+    expected = run(scale, shift)
+    ours = run(strided_per_channel(scale), strided_per_channel(shift))
+    for name, o, e in zip(("out", "grad input", "grad scale", "grad shift", "grad residual"), ours, expected):
+        torch.testing.assert_close(o, e, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_opcheck():

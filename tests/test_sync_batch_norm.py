@@ -14,12 +14,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import DEVICES
+from conftest import DEVICES, strided_buffer, strided_per_channel
 from torch import nn
 
 import resnet_fast
 from resnet_fast.nn import BatchNormAct2d, SyncBatchNormAct2d, convert_sync_batchnorm
 from resnet_fast.ops import sync_batch_norm_act
+
+# The modules here run the fused operators (their torch reference composition), not the
+# default native path (torchvision's own aten operators, tested in test_native_path.py).
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 WORLD = 2
 # Rank r holds rows SPLITS[case][r] of the global batch (uneven, and one rank empty).
@@ -28,6 +32,8 @@ OP_CASES = {
     "channels_last_relu": dict(split=(4, 4), residual=False, relu=True, channels_last=True),
     "residual_no_relu": dict(split=(6, 2), residual=True, relu=False, channels_last=False),
     "one_rank_empty": dict(split=(8, 0), residual=False, relu=True, channels_last=False),
+    # weight, bias, running_mean and running_var as stride-2 views (NaN between the elements)
+    "strided_per_channel": dict(split=(5, 3), residual=True, relu=True, channels_last=True, strided=True),
 }
 SHAPE = (8, 5, 3, 4)
 MODEL_BATCH = 8
@@ -59,12 +65,18 @@ def _op_run(rank: int, case: dict, device: str) -> dict[str, torch.Tensor]:
     running_mean = torch.zeros(SHAPE[1], dtype=torch.float64, device=device)
     running_var = torch.ones(SHAPE[1], dtype=torch.float64, device=device)
     tracked = torch.tensor(0, device=device)
-    out = sync_batch_norm_act(x, weight, bias, running_mean, running_var, residual, relu=case["relu"],
+    weight_arg, bias_arg, gaps = weight, bias, []
+    if case.get("strided"):
+        weight_arg, bias_arg = strided_per_channel(weight), strided_per_channel(bias)
+        (running_mean, mean_gaps), (running_var, var_gaps) = strided_buffer(running_mean), strided_buffer(running_var)
+        gaps = [mean_gaps, var_gaps]
+    out = sync_batch_norm_act(x, weight_arg, bias_arg, running_mean, running_var, residual, relu=case["relu"],
                               momentum=None, num_batches_tracked=tracked)
     (out * data["grad"][rows]).sum().backward()
     result = {"out": out.detach(), "grad_x": x.grad, "grad_weight": weight.grad, "grad_bias": bias.grad,
-              "running_mean": running_mean, "running_var": running_var, "tracked": tracked,
-              "out_channels_last": torch.tensor(out.is_contiguous(memory_format=torch.channels_last))}
+              "running_mean": running_mean.clone(), "running_var": running_var.clone(), "tracked": tracked,
+              "out_channels_last": torch.tensor(out.is_contiguous(memory_format=torch.channels_last)),
+              "gaps_untouched": torch.tensor(all(bool(g.isnan().all()) for g in gaps))}
     if residual is not None:
         result["grad_residual"] = residual.grad
     return {k: v.cpu() for k, v in result.items()}
@@ -148,6 +160,7 @@ def test_two_ranks_equal_one_process_on_the_global_batch(two_ranks, name, device
             torch.testing.assert_close(r[key], ref[key], rtol=1e-12, atol=1e-12, msg=key)
     if case["channels_last"]:
         assert all(bool(r["out_channels_last"]) for r in ranks if r["out"].numel())
+    assert all(bool(r["gaps_untouched"]) for r in ranks), "written between a strided buffer's elements"
 
 
 def test_ddp_step_of_a_converted_model_equals_one_process(two_ranks):

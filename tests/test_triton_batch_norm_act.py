@@ -31,6 +31,8 @@ from conftest import (
     relu_with_mask_of,
     requires_gpu,
     run_cpu_tests_in_triton_interpreter,
+    strided_buffer,
+    strided_per_channel,
 )
 
 import resnet_fast
@@ -161,6 +163,24 @@ def test_mean_offset_of_1000_keeps_everything_accurate(dtype, channels_last, dev
         assert_close_to_reference(getattr(ours, name), getattr(bn64, name), getattr(bn_same, name), name)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_strided_per_channel_vectors_give_the_contiguous_results(channels_last, training, device, tiles):
+    """weight, bias, running statistics, mean and var as stride-2 views (test_batch_norm_act's check)."""
+    bn_tests.test_strided_per_channel_vectors_give_the_contiguous_results(device, torch.float32, channels_last,
+                                                                          training)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_conv_bn_act_strided_per_channel_vectors(channels_last, training, device):
+    """conv_bias and the BatchNorm vectors as stride-2 views (test_conv_bn_act's check)."""
+    conv_tests.test_strided_per_channel_vectors_give_the_contiguous_results(device, torch.float16, channels_last,
+                                                                            training)
+
+
 # ----------------------------------------------------------------------------- the ops
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -258,14 +278,171 @@ def test_opcheck_triton_ops(kernels, training, residual, relu, channels_last, de
                           test_utils=utils)
     torch.library.opcheck(kernels.triton_batch_norm_act_backward,
                           (grad, x, None, mean, var, out, training, 1e-5, True, False), test_utils=utils)
+    for counter, momentum in ((torch.tensor(2, device=device), None), (None, 0.1)):
+        torch.library.opcheck(kernels.triton_update_running_stats,
+                              (rm.clone(), rv.clone(), counter, mean, var, 75, momentum), test_utils=utils)
 
 
 def test_launchers_are_torch_library_triton_ops(kernels):
-    for name in ("triton_batch_norm_act_forward", "triton_batch_norm_act_backward"):
+    for name in ("triton_batch_norm_act_forward", "triton_batch_norm_act_backward", "triton_update_running_stats"):
         assert hasattr(torch.ops.resnet_fast, name)
         assert isinstance(getattr(kernels, name), torch._library.custom_ops.CustomOpDef)
-    for op in ("batch_norm_act", "batch_norm_act_backward", "conv_bn_act"):
+    for op in ("batch_norm_act", "batch_norm_act_backward", "conv_bn_act", "update_running_stats"):
         assert dispatch.BACKENDS["triton"].kernels[op] is getattr(kernels, op)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_every_apply_program_normalises_with_the_stored_statistics(kernels, channels_last, device, tiles):
+    """The apply programs merge the statistics partials themselves and split 0's store them:
+    normalising with the stored (mean, var) in eval mode reproduces the training output bit
+    for bit, so every program merged the same values."""
+    g = torch.Generator().manual_seed(6)
+    x = random_input((4, 12, 3, 5), torch.float32, channels_last, scale=3.0, shift=2.0, generator=g, device=device)
+    w, b = torch.rand(12, device=device) + 0.5, torch.randn(12, device=device)
+    out, mean, var = kernels.triton_batch_norm_act_forward(x, w, b, None, None, None, True, 1e-5, True)
+    again, _, _ = kernels.triton_batch_norm_act_forward(x, w, b, None, mean, var, False, 1e-5, True)
+    assert torch.equal(out, again)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("tracked", [True, False])
+@pytest.mark.parametrize("strided", [False, True])
+def test_update_running_stats_kernel(kernels, dtype, momentum, tracked, strided, device):
+    """The one-launch running-statistics update against float64 math: buffers of the tested
+    dtype (strided ones updated in place, nothing written between their elements), the
+    counter incremented once, f = 1 / num_batches_tracked for momentum None."""
+    g = torch.Generator().manual_seed(2)
+    c, count = 37, 29
+    rm = torch.randn(c, generator=g).to(device, dtype)
+    rv = (torch.rand(c, generator=g) + 0.5).to(device, dtype)
+    mean, var = torch.randn(c, generator=g).to(device), torch.rand(c, generator=g).to(device)
+    counter = torch.tensor(4, device=device) if tracked else None
+    expected_factor = 0.0 if momentum is None else momentum
+    if tracked and momentum is None:
+        expected_factor = 1 / 5
+    expected_mean = (1 - expected_factor) * rm.double() + expected_factor * mean.double()
+    expected_var = (1 - expected_factor) * rv.double() + expected_factor * var.double() * count / (count - 1)
+    if strided:
+        (rm, rm_gaps), (rv, rv_gaps) = strided_buffer(rm), strided_buffer(rv)
+        mean, var = strided_per_channel(mean), strided_per_channel(var)
+    kernels.update_running_stats(rm, rv, counter, mean, var, count, momentum)
+    tol = {torch.float32: 1e-6, torch.float16: 1e-3}[dtype]
+    torch.testing.assert_close(rm.double(), expected_mean, rtol=tol, atol=tol)
+    torch.testing.assert_close(rv.double(), expected_var, rtol=tol, atol=tol)
+    if tracked:
+        assert counter.item() == 5
+    if strided:
+        assert rm_gaps.isnan().all() and rv_gaps.isnan().all()
+
+
+# ----------------------------------------------------------------------------- launch count
+@pytest.fixture
+def launch_log(kernels, monkeypatch) -> list[tuple[str, tuple, dict]]:
+    """(kernel name in ``KERNELS``, positional arguments, keyword arguments) of every launch."""
+    launches = []
+    names = {id(kernel): name for name, kernel in kernels.KERNELS.items()}
+    wrap_triton = kernels.wrap_triton
+
+    class Recording:
+        def __init__(self, kernel):
+            self.name, self.wrapped = names[id(kernel)], wrap_triton(kernel)
+
+        def __getitem__(self, grid):
+            launch = self.wrapped[grid]
+
+            def record(*args, **kwargs):
+                launches.append((self.name, args, kwargs))
+                return launch(*args, **kwargs)
+            return record
+
+    monkeypatch.setattr(kernels, "wrap_triton", Recording)
+    return launches
+
+
+# Kernels per BatchNorm layer (the module docstring's table): the statistics combine runs
+# in the apply kernel's prologue, the gradient combine in the dx kernel's (training); the
+# running-statistics update is one more kernel.
+LAUNCHES_PER_LAYER = {
+    (True, "forward"): ["stats", "apply", "update_running_stats"],
+    (True, "backward"): ["bwd_reduce", "bwd_dx"],
+    (False, "forward"): ["apply"],
+    (False, "backward"): ["bwd_reduce", "bwd_combine"],
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("residual", [True, False])
+def test_launches_per_layer(kernels, launch_log, channels_last, training, residual, device):
+    """Two kernels forward and two backward in training; with a residual gradient the dx kernel
+    reads dy' (written by the reduction) instead of dy and out."""
+    g = torch.Generator().manual_seed(8)
+    layer = BatchNormAct2d(6, relu=True).to(device).train(training)
+    x = random_input((3, 6, 4, 5), torch.float32, channels_last, generator=g, device=device).requires_grad_()
+    res = random_input(x.shape, torch.float32, channels_last, generator=g, device=device).requires_grad_() \
+        if residual else None
+    out = layer(x, res)
+    forward = [name for name, _, _ in launch_log]
+    out.backward(random_input(x.shape, torch.float32, channels_last, generator=g, device=device))
+    backward = [name for name, _, _ in launch_log[len(forward):]]
+    layout = "nhwc" if channels_last else "nchw"
+    for stage, names in (("forward", forward), ("backward", backward)):
+        expected = [k if k in kernels.KERNELS else f"{k}_{layout}" for k in LAUNCHES_PER_LAYER[training, stage]]
+        assert names == expected, f"{stage}: {names}"
+    if training and residual:
+        (_, reduce_args, reduce_flags), (_, dx_args, dx_flags) = launch_log[-2:]
+        assert reduce_flags["WRITE_DRES"]
+        assert dx_args[0] is reduce_args[7], "the dx kernel should read dy' (the reduction's d_residual)"
+        assert dx_flags["RELU"] is False, "dy' is already masked: the dx kernel should not read out"
+
+
+@pytest.mark.skipif(TRITON_INTERPRETER, reason="interpreted kernels are not specialised")
+def test_split_geometry_is_not_specialised(kernels):
+    """Integer arguments that only say how a layer is split (rows or tiles per split, number
+    of splits) vary between layers: specialising them (== 1, divisible by 16) would compile
+    each kernel once per geometry class. Sizes (M, C, HW: alignment) stay specialised."""
+    geometry = {"rows_per_split", "n_per_split", "hw_per_split", "splits_hw", "num_splits", "num_partials"}
+    for name, kernel in kernels.KERNELS.items():
+        if name == "stats_combine":  # kernels.conv2d's workspace merge, one launch per call
+            continue
+        params = {p.name: p for p in kernel.params}
+        assert not any(n.endswith("blocks") for n in params), f"{name} takes a block count"
+        for arg in geometry & params.keys():
+            assert params[arg].do_not_specialize, f"{name} specialises {arg}"
+        for arg in {"M", "C", "HW"} & params.keys():
+            assert not params[arg].do_not_specialize, f"{name} does not specialise {arg}"
+
+
+def test_profiler_files_every_batch_norm_kernel_under_normalisation(kernels):
+    """Traces name Triton kernels by function: the breakdown's categories must see them."""
+    from resnet_fast.bench.trace import categorize
+
+    for name, kernel in kernels.KERNELS.items():
+        if name == "stats_combine":  # launched by kernels.conv2d after its convolution
+            continue
+        function = getattr(kernel, "fn", kernel).__name__
+        assert categorize(function) == "normalisation", function
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_resnet50_training_step_launches_five_kernels_per_batch_norm(launch_log, device):
+    """A training step of ResNet-50 (53 BatchNorms) launches 265 Triton kernels for them and
+    nothing else (before: 318, with a combine kernel after each reduction, plus 10 PyTorch
+    kernels per running-statistics update)."""
+    torch.manual_seed(0)
+    model = resnet_fast.resnet50(num_classes=10).to(device, memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    model(x).sum().backward()
+    counts = {}
+    for name, _, _ in launch_log:
+        counts[name] = counts.get(name, 0) + 1
+    assert counts == {"stats_nhwc": 53, "apply_nhwc": 53, "update_running_stats": 53,
+                      "bwd_reduce_nhwc": 53, "bwd_dx_nhwc": 53}
+    assert len(launch_log) == 265
 
 
 # ----------------------------------------------------------------------------- GPU only
@@ -328,6 +505,25 @@ def test_tensor_past_2_31_elements(channels_last):
     count = x.numel() // shape[1]
     dx = w.view(view) * invstd * (dy.float() - grads[2].view(view) / count - x_hat * grads[1].view(view) / count)
     torch.testing.assert_close(grads[0][tail].float(), dx, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_training_layer_is_bitwise_deterministic(channels_last):
+    """Two runs of a (64, 64, 56, 56) bf16 layer (many partials merged by every apply and dx
+    program) give identical outputs, statistics and gradients; eval-mode normalisation with
+    the stored statistics reproduces the training output."""
+    x, grad, w, b, out, mean, var, grads = _run_large((64, 64, 56, 56), torch.bfloat16, channels_last)
+    forward = dispatch.select_kernel("batch_norm_act", x)
+    backward = dispatch.select_kernel("batch_norm_act_backward", x)
+    out2, mean2, var2 = forward(x, w, b, None, None, None, True, 1e-5, True)
+    grads2 = backward(grad, x, w, mean2, var2, out2, True, 1e-5, True, True)
+    for name, a, c in zip(("out", "mean", "var"), (out, mean, var), (out2, mean2, var2)):
+        assert torch.equal(a, c), name
+    for name, a, c in zip(("input", "weight", "bias", "residual"), grads, grads2):
+        assert torch.equal(a, c), f"grad {name}"
+    assert torch.equal(out, forward(x, w, b, None, mean, var, False, 1e-5, True)[0])
 
 
 @pytest.mark.gpu

@@ -11,10 +11,7 @@ allocate is poisoned with NaN first.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
+import math
 
 import pytest
 import torch
@@ -235,6 +232,227 @@ def test_gradients_through_the_triton_forward(device):
         torch.testing.assert_close(ours.double(), r, rtol=1e-4, atol=1e-4, msg=name)
 
 
+# ------------------------------------------------------------------- per-channel vectors
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values with stride 2 (every other element of a twice-as-long buffer)."""
+    buffer = torch.full((2 * t.shape[0],), float("nan"), dtype=t.dtype, device=t.device)
+    buffer[::2] = t
+    return buffer[::2]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_per_channel_vectors(device):
+    """A sliced bias, prologue scale or shift gives bitwise the result of its contiguous copy."""
+    x, w, stride, padding, out_shape, g = _conv_inputs("3x3s1", torch.float32, True, device, seed=4)
+    bias = torch.randn(out_shape[1], generator=g).to(device)
+    scale = (torch.rand(x.shape[1], generator=g) + 0.5).to(device)
+    shift = torch.randn(x.shape[1], generator=g).to(device)
+    assert not _strided(bias).is_contiguous()
+    conv = dispatch.select_kernel("conv2d_bias_act", x)
+    args = (stride, padding, [1, 1], True)
+    torch.testing.assert_close(conv(x, w, _strided(bias), None, *args), conv(x, w, bias, None, *args),
+                               rtol=0, atol=0)
+    stats = dispatch.select_kernel("conv2d_stats", x)
+    ours = stats(x, w, stride, padding, [1, 1], _strided(scale), _strided(shift), True)
+    expected = stats(x, w, stride, padding, [1, 1], scale, shift, True)
+    for name, o, e in zip(("output", "mean", "var"), ours, expected):
+        torch.testing.assert_close(o, e, rtol=0, atol=0, msg=name)
+
+
+# ----------------------------------------------------------------------- TF32 precision
+@pytest.fixture
+def restore_fp32_precision():
+    """Put torch's float32 precision flags back as they were."""
+    levels = (torch.backends, torch.backends.cudnn, torch.backends.cudnn.conv, torch.backends.cudnn.rnn)
+    before = [level.fp32_precision for level in levels]
+    yield
+    for level, value in zip(levels, before):
+        level.fp32_precision = value
+
+
+@pytest.mark.parametrize("conv,rnn,expected", [("tf32", "ieee", "tf32"), ("ieee", "tf32", "ieee"),
+                                               ("tf32", "tf32", "tf32"), ("ieee", "ieee", "ieee")])
+def test_fp32_runs_as_tf32_when_the_conv_precision_says_so(kernels, monkeypatch, restore_fp32_precision,
+                                                           conv, rnn, expected):
+    """torch.backends.cudnn.conv.fp32_precision decides, also when the RNN flag differs
+    (then the legacy ``torch.backends.cudnn.allow_tf32`` raises)."""
+    torch.backends.cudnn.conv.fp32_precision = conv
+    torch.backends.cudnn.rnn.fp32_precision = rnn
+    monkeypatch.setattr(kernels, "INTERPRETED", False)  # the GPU's choice (the interpreter runs IEEE)
+    assert kernels.conv_fp32_precision() == expected
+    assert kernels._input_precision(torch.float32) == expected
+    assert kernels._input_precision(torch.bfloat16) == "ieee"
+
+
+@pytest.mark.parametrize("cudnn,generic,expected", [("tf32", "ieee", "tf32"), ("none", "tf32", "tf32"),
+                                                    ("none", "none", "ieee"), ("ieee", "tf32", "ieee")])
+def test_unset_conv_precision_defers_to_the_parent_flags(kernels, restore_fp32_precision, cudnn, generic, expected):
+    """``"none"`` defers to torch.backends.cudnn.fp32_precision, then torch.backends.fp32_precision."""
+    torch.backends.fp32_precision = generic
+    torch.backends.cudnn.fp32_precision = cudnn
+    torch.backends.cudnn.conv.fp32_precision = "none"
+    assert kernels.conv_fp32_precision() == expected
+
+
+# ------------------------------------------------------------------ tiles and autotuning
+def test_autotune_key_holds_every_constexpr_but_the_tile(kernels):
+    """Two kernels differing in epilogue, prologue, input precision or K tiling never share a tuned config."""
+    tile = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"}
+    constexprs = {p.name for p in kernels._conv2d_kernel.params if p.is_constexpr} - tile
+    assert constexprs == {"HAS_BIAS", "HAS_RESIDUAL", "RELU", "STATS", "PROLOGUE", "PROLOGUE_RELU",
+                          "INPUT_PRECISION", "FLAT_K"}
+    assert constexprs <= set(kernels.AUTOTUNE_KEY)
+    assert {"M", "C_out", "C", "H", "W", "R", "S", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h",
+            "dil_w"} <= set(kernels.AUTOTUNE_KEY)
+    assert set(kernels.AUTOTUNE_KEY) <= set(kernels._conv2d_kernel.arg_names)
+
+
+VARIANTS = [(kind, precision, tiling) for kind in ("epilogue", "stats", "stats+prologue")
+            for precision in ("16-bit", "tf32", "fp32-ieee") for tiling in ("taps", "flat-k")]
+
+
+@pytest.mark.skipif(TRITON_INTERPRETER, reason="the interpreter does not autotune")
+def test_tuning_results_are_cached_on_disk(kernels):
+    for arch in ("sm_80", "sm_90"):
+        for kind in VARIANTS:
+            block_m = 64 if kind[0].startswith("stats") else None
+            tuner = kernels._autotuner(arch, kind, block_m)
+            assert tuner.cache_results and tuner.keys == kernels.AUTOTUNE_KEY
+            assert tuner.configs == kernels.configs_for(arch, kind, block_m)
+
+
+@pytest.fixture
+def gpu_planning(kernels, monkeypatch):
+    """Plan launches as on a GPU (not interpreted), for a CPU device (sm_90, 132 SMs assumed)."""
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
+    monkeypatch.delenv(kernels.AUTOTUNE_ENV, raising=False)
+    return kernels
+
+
+def test_autotuning_is_the_default(gpu_planning):
+    plan = gpu_planning.launch_plan(32 * 56 * 56, 64, torch.device("cpu"), stats=True, prologue=True,
+                                    dtype=torch.bfloat16, c_in=64)
+    assert plan["autotune"] and plan["config"] is None and plan["block_m"] == 128
+    assert plan["arch"] == "sm_90" and plan["variant"] == ("stats+prologue", "16-bit", "taps")
+
+
+def test_variant_follows_precision_and_k_tiling(gpu_planning, restore_fp32_precision):
+    K = gpu_planning
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    assert K.variant(False, False, torch.float32, 64) == ("epilogue", "tf32", "taps")
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    assert K.variant(True, False, torch.float32, 3) == ("stats", "fp32-ieee", "flat-k")
+    assert K.variant(True, True, torch.float16, 3) == ("stats+prologue", "16-bit", "flat-k")
+
+
+@pytest.mark.parametrize("switch", ["deterministic", "env"])
+def test_one_fixed_config_per_shape_without_autotuning(gpu_planning, monkeypatch, switch):
+    """Under torch.use_deterministic_algorithms(True) or RESNET_FAST_AUTOTUNE=0: no autotuner,
+    one non-spilling config per shape, the same at every call."""
+    K = gpu_planning
+    if switch == "env":
+        monkeypatch.setenv(K.AUTOTUNE_ENV, "0")
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(switch == "deterministic")
+    try:
+        for m, c_out, stats, prologue, dtype, c_in in (
+                (32 * 56 * 56, 64, True, True, torch.bfloat16, 64), (32 * 7 * 7, 2048, True, False, torch.float16, 512),
+                (32 * 28 * 28, 512, False, False, torch.float32, 256), (32 * 112 * 112, 64, True, False,
+                                                                         torch.bfloat16, 3)):
+            plans = [K.launch_plan(m, c_out, torch.device("cpu"), stats, prologue, dtype, c_in) for _ in range(2)]
+            assert not plans[0]["autotune"] and plans[0]["config"] is plans[1]["config"]
+            allowed = K.configs_for(plans[0]["arch"], plans[0]["variant"], plans[0]["block_m"])
+            assert plans[0]["config"] in allowed
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def test_autotune_switch_rejects_other_values(gpu_planning, monkeypatch):
+    monkeypatch.setenv(gpu_planning.AUTOTUNE_ENV, "maybe")
+    with pytest.raises(ValueError, match="RESNET_FAST_AUTOTUNE must be 0 or 1, got 'maybe'"):
+        gpu_planning.autotune_enabled()
+    for value, enabled in (("0", False), ("off", False), ("1", True), ("", True)):
+        monkeypatch.setenv(gpu_planning.AUTOTUNE_ENV, value)
+        assert gpu_planning.autotune_enabled() is enabled
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_statistics_are_bitwise_equal(device):
+    """Two runs under torch.use_deterministic_algorithms(True): bitwise the same statistics."""
+    x, w, stride, padding, out_shape, g = _conv_inputs("3x3s2", torch.float32, True, device, seed=5)
+    scale = (torch.rand(x.shape[1], generator=g) + 0.5).to(device)
+    shift = torch.randn(x.shape[1], generator=g).to(device)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [dispatch.select_kernel("conv2d_stats", x)(x, w, stride, padding, [1, 1], scale, shift, True)
+                for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(before)
+    for name, first, second in zip(("output", "mean", "var"), *runs):
+        assert torch.equal(first, second), name
+
+
+def test_only_spill_free_configs_are_tried(kernels):
+    """Every variant on every architecture has an entry of spill-free configs, and
+    autotuning (and the fixed choice) takes only from it — for the statistics' M tiles too."""
+    assert set(kernels.SPILL_FREE_CONFIGS) == {(arch, *kind) for arch in ("sm_80", "sm_90") for kind in VARIANTS}
+    names = {kernels.config_name(c) for c in kernels.CONFIGS}
+    for (arch, *kind), allowed in kernels.SPILL_FREE_CONFIGS.items():
+        assert allowed and allowed <= names, (arch, kind, allowed - names)
+        assert {kernels.config_name(c) for c in kernels.configs_for(arch, tuple(kind))} == allowed
+        if kind[0] != "epilogue":
+            assert any(kernels.configs_for(arch, tuple(kind), b) for b in kernels.STATS_BLOCK_MS), (arch, kind)
+
+
+# ------------------------------------------------------------ statistics merge and M tiles
+def test_statistics_merge_is_two_level_and_parallel(kernels):
+    """ResNet-50 layer1 at batch 256 (6,272 M tiles, 64 channels): the first level runs in
+    about sqrt(tiles) groups, so no program loops over more than ~2 sqrt(tiles) rows
+    (the single-level merge had 2 programs loop over all 6,272 rows twice)."""
+    rows, c_out = 256 * 56 * 56 // 128, 64
+    per_group, groups = kernels.merge_groups(rows)
+    c_blocks = -(-c_out // kernels.COMBINE_BLOCK_C)
+    assert groups * c_blocks >= 128  # programs of the first level
+    assert per_group <= 2 * math.isqrt(rows) and groups <= 2 * math.isqrt(rows)
+    assert kernels.merge_groups(kernels.COMBINE_BLOCK_S) == (kernels.COMBINE_BLOCK_S, 1)  # one final launch
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sm_count", [1, 1 << 20], ids=["large-m-tile", "small-m-tile"])
+def test_statistics_through_the_two_level_merge(kernels, monkeypatch, device, sm_count):
+    """Many M tiles merged in several groups (tiny merge steps), with the statistics M tile
+    chosen for few or many SMs (workspace sized for it): against float64, and bitwise
+    repeatable."""
+    monkeypatch.setattr(kernels, "COMBINE_BLOCK_S", 2)
+    monkeypatch.setattr(kernels, "INTERPRETER_BLOCKS", {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16})
+    monkeypatch.setattr(kernels, "INTERPRETER_SM_COUNT", sm_count)
+    monkeypatch.setattr(kernels, "DEFAULT_SM_COUNT", sm_count)
+    x, w, stride, padding, out_shape, g = _conv_inputs("1x1s1", torch.float32, True, device, seed=6, batch=9)
+    m = out_shape[0] * out_shape[2] * out_shape[3]
+    if device == "cpu":
+        block_m = kernels.stats_block_m(m, out_shape[1], sm_count)
+        assert block_m == (32 if sm_count == 1 else 16)
+        assert kernels.merge_groups(-(-m // block_m))[1] > 1
+    args = (stride, padding, [1, 1], None, None, False)
+    runs = [dispatch.select_kernel("conv2d_stats", x)(x, w, *args) for _ in range(2)]
+    ref = reference.conv2d_stats(x.double(), w.double(), *args)
+    same = reference.conv2d_stats(x, w, *args)
+    for name, ours, again, r, sm in zip(("output", "mean", "var"), *runs, ref, same):
+        assert_close_to_reference(ours, r, sm, name)
+        assert torch.equal(ours, again), name
+
+
+def test_small_batches_get_the_smaller_statistics_tile(kernels, monkeypatch):
+    """DDP's batch 32 per GPU: layer4's convolutions (M = 1,568) fill 132 SMs only with
+    64-row M tiles; layer1 at batch 256 keeps 128."""
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
+    assert kernels.stats_block_m(32 * 7 * 7, 512, 132) == 64
+    assert kernels.stats_block_m(32 * 7 * 7, 2048, 132) == 128  # 13 x 16 = 208 programs already
+    assert kernels.stats_block_m(256 * 56 * 56, 64, 132) == 128
+    assert kernels.stats_block_m(8 * 7 * 7, 512, 132) == 64  # even 64 cannot fill them: the smallest
+
+
 # ----------------------------------------------------------------------------- blocks
 def _bottleneck_pair(stride: int):
     """(float64 torchvision Bottleneck with random BN statistics, our float32 copy of it)."""
@@ -334,45 +552,6 @@ def test_float64_is_refused_with_a_reason():
     assert any("float64 input is not supported by the triton backend" in r for r in reasons)
 
 
-# ------------------------------------------------------------------ ahead-of-time compile
-# tests/test_triton_compile.py builds the registered example (fp16/bf16, filter-tap K
-# tiling) for sm_70/75/80/90. Here: the variants it does not, and that sm_80+ code uses
-# tensor cores. (compute capability, data dtype, K tiling); fp32 runs as TF32.
-AOT_TARGETS = ((90, "bf16", "taps"), (90, "bf16", "flat"), (90, "fp32", "taps"), (80, "bf16", "taps"))
-AOT_SCRIPT = textwrap.dedent("""
-    import sys
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from resnet_fast.kernels import conv2d as K
-
-    done = []
-    for arg in sys.argv[1:]:
-        cap, dtype, tiling = arg.split(":")
-        signature, constexprs = K.compile_example(flat_k=tiling == "flat",
-                                                  input_precision="tf32" if dtype == "fp32" else "ieee")
-        signature = {name: kind.format(data=dtype) for name, kind in signature.items()}
-        compiled = triton.compile(ASTSource(fn=K._conv2d_kernel, signature=signature, constexprs=constexprs),
-                                  target=GPUTarget("cuda", int(cap), 32), options={"num_warps": 8})
-        assert f".target sm_{cap}" in compiled.asm["ptx"], cap
-        assert "mma" in compiled.asm["ptx"], f"no tensor-core instruction for sm_{cap}"
-        done.append(f"conv2d-{dtype}-{tiling}@sm_{cap}")
-    print(len(done), " ".join(done))
-""")
-
-
-def test_tensor_core_variants_compile_ahead_of_time(tmp_path):
-    """CPU-only proof that the flat-K tiling and TF32 variants build, with tensor-core
-    instructions, for sm_80/sm_90."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    targets = [f"{cap}:{dtype}:{tiling}" for cap, dtype, tiling in AOT_TARGETS]
-    result = subprocess.run([sys.executable, "-c", AOT_SCRIPT, *targets], env=env,
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert int(result.stdout.split()[0]) == len(AOT_TARGETS), result.stdout
-
-
 # ----------------------------------------------------------------------------- GPU only
 RESNET50_CONVS = [  # (C_in, C_out, kernel, stride, padding, H) at batch 32
     (3, 64, 7, 2, 3, 224), (64, 64, 1, 1, 0, 56), (64, 64, 3, 1, 1, 56), (256, 128, 1, 1, 0, 56),
@@ -418,3 +597,58 @@ def test_activation_past_2_31_elements():
     out = dispatch.select_kernel("conv2d_bias_act", x)(x, w, None, None, [1, 1], [0, 0], [1, 1], False)
     expected = F.conv2d(x[-1:].float(), w.float())
     torch.testing.assert_close(out[-1:].float(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_statistics_merge_at_resnet50_layer1_batch_256():
+    """Item 6's case on the GPU: 6,272 M tiles merged in two levels, against float64, and
+    bitwise repeatable under torch.use_deterministic_algorithms(True)."""
+    from resnet_fast.kernels import conv2d as K
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(256, 256, 56, 56, device="cuda", generator=g).bfloat16().contiguous(
+        memory_format=torch.channels_last)
+    w = (torch.randn(64, 256, 1, 1, device="cuda", generator=g) / 16).bfloat16().contiguous(
+        memory_format=torch.channels_last)
+    rows = -(-256 * 56 * 56 // 128)
+    assert K.merge_groups(rows)[1] > 1
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [dispatch.select_kernel("conv2d_stats", x)(x, w, [1, 1], [0, 0], [1, 1], None, None, False)
+                for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(before)
+    out, mean, var = runs[0]
+    assert torch.equal(mean, runs[1][1]) and torch.equal(var, runs[1][2])
+    ref_var, ref_mean = torch.var_mean(out.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("c_out", [512, 2048])
+def test_layer4_statistics_at_a_per_gpu_batch_of_32(c_out):
+    """Item 7's case on the GPU: layer4 (7x7, M = 1,568) takes the M tile that fills the
+    SMs, with a workspace sized for it; output and statistics against float64."""
+    from resnet_fast.kernels import conv2d as K
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(32, 512, 7, 7, device="cuda", generator=g).bfloat16().contiguous(
+        memory_format=torch.channels_last)
+    w = (torch.randn(c_out, 512, 3, 3, device="cuda", generator=g) / 64).bfloat16().contiguous(
+        memory_format=torch.channels_last)
+    plan = K.launch_plan(32 * 7 * 7, c_out, x.device, stats=True, prologue=True, dtype=x.dtype, c_in=512)
+    expected = K.stats_block_m(32 * 7 * 7, c_out, sms,
+                               [b for b in K.STATS_BLOCK_MS if K.configs_for(plan["arch"], plan["variant"], b)])
+    assert plan["block_m"] == expected
+    scale, shift = torch.rand(512, device="cuda") + 0.5, torch.randn(512, device="cuda")
+    args = ([1, 1], [1, 1], [1, 1], scale, shift, True)
+    ours = dispatch.select_kernel("conv2d_stats", x)(x, w, *args)
+    same = reference.conv2d_stats(x, w, *args)
+    ref = reference.conv2d_stats(x.double(), w.double(), *args[:3], scale.double(), shift.double(), True)
+    for name, o, r, s in zip(("output", "mean", "var"), ours, ref, same):
+        assert_close_to_reference(o, r, s, name)

@@ -15,6 +15,8 @@ Two registries describe the kernels without importing them:
 * :data:`COMPILE_EXAMPLES` — filled by each kernel module at import with
   :func:`register_compile_example`: one signature per ``@triton.jit`` kernel, which the
   ahead-of-time compile test builds for sm_70, sm_75, sm_80 and sm_90 without a GPU.
+  ``@triton.jit`` device functions that only kernels call (they are compiled inside
+  them) are listed with :func:`register_device_function` instead.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from typing import Any, Callable
 
 import torch
 
-from resnet_fast.ops import reference
 from resnet_fast.ops.dispatch import TENSOR_CORE_DOT, register_input_check, register_kernel
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -35,6 +36,7 @@ OPERATORS = {
     "batch_norm_act": "resnet_fast.kernels.batch_norm_act",
     "batch_norm_act_backward": "resnet_fast.kernels.batch_norm_act",
     "conv_bn_act": "resnet_fast.kernels.batch_norm_act",
+    "update_running_stats": "resnet_fast.kernels.batch_norm_act",
     "conv2d_bias_act": "resnet_fast.kernels.conv2d",
     "conv2d_stats": "resnet_fast.kernels.conv2d",
 }
@@ -73,6 +75,16 @@ def register_compile_example(module: str, name: str, kernel: Any, signature: dic
     COMPILE_EXAMPLES[key] = CompileExample(key, kernel, dict(signature), dict(constexprs or {}))
 
 
+DEVICE_FUNCTIONS: dict[str, Any] = {}
+"""``"module.function"`` -> a ``@triton.jit`` device function (called by kernels, never
+launched), filled as kernel modules import."""
+
+
+def register_device_function(module: str, name: str, function: Any) -> None:
+    """Record that ``function`` of ``module`` is a device function compiled inside kernels."""
+    DEVICE_FUNCTIONS[f"{module.rsplit('.', 1)[-1]}.{name}"] = function
+
+
 def input_reasons(x: torch.Tensor) -> list[str]:
     """Why the Triton kernels cannot take ``x`` (its dtype), empty when they can."""
     if x.dtype not in SUPPORTED_DTYPES:
@@ -93,6 +105,3 @@ if importlib.util.find_spec("triton") is not None:
     for _op, _module in OPERATORS.items():
         register_kernel("triton", _op, requires=TENSOR_CORE_DOT if _op in TENSOR_CORE_OPERATORS else None)(
             _on_first_call(_op, _module))
-    # The running-statistics update is a C-element op with no Triton kernel worth writing:
-    # the torch implementation serves, so an explicit "triton" choice runs whole modules.
-    register_kernel("triton", "update_running_stats")(reference.update_running_stats)

@@ -7,7 +7,32 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from resnet_fast.ops.batch_norm_act import batch_norm_act
+from resnet_fast.ops.batch_norm_act import batch_norm_act, check_batch_norm_act_args
+from resnet_fast.ops.dispatch import runs_native
+
+
+def native_batch_norm(bn: nn.BatchNorm2d, input: Tensor) -> Tensor:
+    """``nn.BatchNorm2d.forward(bn, input)``: the aten ``batch_norm`` torchvision runs (and
+    ``num_batches_tracked.add_`` in training), whatever ``bn``'s class."""
+    return nn.BatchNorm2d.forward(bn, input)
+
+
+def native_add_relu(out: Tensor, residual: Tensor | None, relu: bool) -> Tensor:
+    """torchvision's ``out += identity; out = relu(out)`` on a fresh ``out``: in-place
+    ``add_`` and ``relu_``, so the result keeps ``out``'s dtype."""
+    if residual is not None:
+        out += residual
+    return torch.relu_(out) if relu else out
+
+
+def check_num_features(bn: nn.BatchNorm2d, input: Tensor) -> None:
+    """A 4-D input whose channel count is not ``bn.num_features``: say both."""
+    if isinstance(input, Tensor) and input.dim() == 4 and input.shape[1] != bn.num_features:
+        raise ValueError(
+            f"input has {input.shape[1]} channels but this {type(bn).__name__} has num_features="
+            f"{bn.num_features} (its weight and running statistics have shape ({bn.num_features},)); "
+            "pass an input with that many channels or build the module for the input's"
+        )
 
 
 def batch_norm_call_args(bn: nn.BatchNorm2d) -> dict[str, Any]:
@@ -41,7 +66,22 @@ class BatchNormAct2d(nn.BatchNorm2d):
         relu: apply ReLU after the (optional) residual add.
 
     ``forward(input, residual=None)``: ``residual``, when given, must have the input's
-    shape and is added before the ReLU.
+    shape and is added before the ReLU, in place as torchvision's blocks add their
+    shortcut (``out += identity``): the output keeps the input's dtype whatever the
+    residual's floating dtype (a float64 residual with a float32 input gives float32, where
+    ``out + residual`` would promote), on every path.
+
+    Dtypes as ``nn.BatchNorm2d``: the parameters and running statistics have the input's
+    dtype, or are float32 for a float16/bfloat16 input (mixed precision, what autocast
+    runs); any other mix (a float64 input on a float32 module, say) is refused before
+    anything is updated, with a message naming both dtypes, where torch says "mixed dtype".
+
+    Which code runs: where ``auto`` chooses no fused backend (always on the CPU; on a GPU
+    without a validation record) the native path runs exactly ``nn.BatchNorm2d``'s aten
+    ``batch_norm`` then in-place ``add_`` and ``relu_``
+    (:func:`~resnet_fast.ops.dispatch.runs_native`); otherwise the fused operator
+    ``resnet_fast::batch_norm_act`` of the chosen backend. Arguments are checked the same
+    way on both.
     """
 
     def __init__(
@@ -79,8 +119,13 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
     def forward_act(self, input: Tensor, residual: Tensor | None, relu: bool) -> Tensor:
         """``forward`` with the activation given by the caller (the blocks decide it)."""
-        return batch_norm_act(input, self.weight, self.bias, residual=residual, relu=relu,
-                              **batch_norm_call_args(self))
+        check_num_features(self, input)
+        args = batch_norm_call_args(self)
+        if isinstance(input, Tensor) and runs_native(input):
+            check_batch_norm_act_args(input, self.weight, self.bias, residual, args["running_mean"],
+                                      args["running_var"], args["training"])
+            return native_add_relu(native_batch_norm(self, input), residual, relu)
+        return batch_norm_act(input, self.weight, self.bias, residual=residual, relu=relu, **args)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, relu={self.relu}"

@@ -16,22 +16,33 @@ last BatchNorm, the residual add and the ReLU are one ``resnet_fast::scale_shift
 pass forward, two backward, by the BatchNorm stage kernels on CUDA), the shortcut's
 BatchNorm another. Blocks whose layers do
 not qualify (:func:`~resnet_fast.nn.conv_bn_act.is_stats_fusable`) run as before.
+
+Native path: where ``auto`` chooses no fused backend for the input
+(:func:`~resnet_fast.ops.dispatch.runs_native`: always on the CPU, on a GPU without a
+validation record) and ``fused_training`` is not in effect, a block runs exactly
+torchvision's ``forward``: its modules in torchvision's order (the shortcut after the main
+branch), ``batch_norm`` unfolded, in-place ``add_`` and ``relu_`` — the same aten
+operators, forward and backward. The block's input is checked as the first convolution's
+(the later layers are the block's own, and torch's errors name their mismatches).
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import Tensor, nn
 
-from resnet_fast.nn.batch_norm_act import BatchNormAct2d
+from resnet_fast.nn.batch_norm_act import BatchNormAct2d, native_batch_norm
 from resnet_fast.nn.conv_bn_act import (
+    check_native_conv_bn,
     conv_bn_act_forward,
     conv_stats_forward,
     is_fusable,
     is_stats_fusable,
 )
 from resnet_fast.nn.fused_training_defaults import trains_fused
+from resnet_fast.ops.dispatch import runs_native
 from resnet_fast.ops.scale_shift_act import scale_shift_act
 
 
@@ -79,6 +90,31 @@ def fused_training_forward(block: nn.Module, pairs: list[tuple[nn.Module, nn.Mod
     else:
         identity = scale_shift_act(*conv_stats_forward(x, *block.downsample))
     return scale_shift_act(y, scale, shift, residual=identity, relu=True)
+
+
+def _native_norm(norm: nn.Module, x: Tensor) -> Tensor:
+    """A block's norm layer as torchvision calls it: ``nn.BatchNorm2d``'s forward for the
+    BatchNorms (a :class:`BatchNormAct2d`'s ``relu`` flag is the block's business), any
+    other norm module as it is."""
+    return native_batch_norm(norm, x) if type(norm) in (nn.BatchNorm2d, BatchNormAct2d) else norm(x)
+
+
+def native_block_forward(block: nn.Module, pairs: list[tuple[nn.Module, nn.Module]], x: Tensor) -> Tensor:
+    """torchvision's ``BasicBlock`` / ``Bottleneck`` ``forward``: each (conv, norm) pair,
+    ReLU in place between them, the shortcut after the main branch, ``out += identity`` and
+    an in-place ReLU; the input checked as the first pair's."""
+    first_conv, first_norm = pairs[0]
+    if is_fusable(first_conv, first_norm):
+        check_native_conv_bn(x, first_conv, first_norm, None)
+    out = x
+    last = len(pairs) - 1
+    for i, (conv, norm) in enumerate(pairs):
+        out = _native_norm(norm, conv(out))
+        if i < last:
+            out = torch.relu_(out)
+    identity = x if block.downsample is None else block.downsample(x)
+    out += identity
+    return torch.relu_(out)
 
 
 def enable_fused_training(model: nn.Module, enabled: bool | None = True) -> int:
@@ -157,6 +193,8 @@ class BasicBlock(nn.Module):
         fused = fused_training_forward(self, [(self.conv1, self.bn1), (self.conv2, self.bn2)], x)
         if fused is not None:
             return fused
+        if runs_native(x):
+            return native_block_forward(self, [(self.conv1, self.bn1), (self.conv2, self.bn2)], x)
         identity = shortcut_forward(self.downsample, x)
         out = conv_bn_act_forward(x, self.conv1, self.bn1, relu=True)
         return conv_bn_act_forward(out, self.conv2, self.bn2, residual=identity, relu=True)
@@ -205,6 +243,9 @@ class Bottleneck(nn.Module):
             self, [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)], x)
         if fused is not None:
             return fused
+        if runs_native(x):
+            return native_block_forward(
+                self, [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)], x)
         identity = shortcut_forward(self.downsample, x)
         out = conv_bn_act_forward(x, self.conv1, self.bn1, relu=True)
         out = conv_bn_act_forward(out, self.conv2, self.bn2, relu=True)

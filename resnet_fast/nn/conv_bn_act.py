@@ -11,6 +11,12 @@ the convolution's epilogue: one kernel in the ``triton`` backend). The fold is c
 in float32 (float64 for float64 parameters); w' is stored in the convolution's dtype
 (the autocast dtype under autocast), b' stays in float32.
 
+Native path: where ``auto`` chooses no fused backend for the input
+(:func:`~resnet_fast.ops.dispatch.runs_native`: always on the CPU, and on a GPU without a
+validation record), a conv + BN pair runs exactly torchvision eager's aten operators —
+``conv2d``, ``batch_norm``, then in-place ``add_`` and ``relu_`` — in training and in
+evaluation (no fold: torchvision does not fold either), after the same argument checks.
+
 Fold cache: without autograd (``torch.no_grad``/``inference_mode``, or no parameter
 requiring grad) the folded (w', b') of each convolution is cached outside the modules
 (so never in a state dict) and recomputed when any of conv weight/bias, BN weight/bias,
@@ -30,11 +36,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from resnet_fast.nn.batch_norm_act import BatchNormAct2d, batch_norm_call_args
+from resnet_fast.nn.batch_norm_act import (
+    BatchNormAct2d,
+    batch_norm_call_args,
+    native_add_relu,
+    native_batch_norm,
+)
 from resnet_fast.ops.batch_norm_act import update_running_stats_after
 from resnet_fast.ops.conv2d_bias_act import conv2d_bias_act
 from resnet_fast.ops.conv2d_stats import conv2d_stats
-from resnet_fast.ops.conv_bn_act import conv_bn_act
+from resnet_fast.ops.conv_bn_act import check_conv_bn_act_args, conv_bn_act
+from resnet_fast.ops.dispatch import runs_native
 
 
 def is_fusable(conv: nn.Module, bn: nn.Module) -> bool:
@@ -156,8 +168,12 @@ def conv_bn_act_forward(
     not consulted on the fused path. Under ``torch.autocast`` the convolution's input and
     weight are cast to the autocast dtype, as autocast does for ``F.conv2d``; the
     BatchNorm parameters and statistics stay in their own dtype. In eval mode the
-    BatchNorm is folded into the convolution (:func:`is_foldable`, module docstring).
+    BatchNorm is folded into the convolution (:func:`is_foldable`, module docstring). On the
+    native path (:func:`~resnet_fast.ops.dispatch.runs_native`) the modules' own aten
+    operators run instead, after the same checks (:func:`native_conv_bn_act`).
     """
+    if isinstance(x, Tensor) and is_fusable(conv, bn) and runs_native(x):
+        return native_conv_bn_act(x, conv, bn, residual, relu)
     if not is_fusable(conv, bn):
         if isinstance(bn, BatchNormAct2d):  # e.g. SyncBatchNormAct2d: still fuses add and ReLU
             return bn.forward_act(conv(x), residual, relu)
@@ -183,6 +199,23 @@ def conv_bn_act_forward(
         padding=conv.padding, dilation=conv.dilation, groups=conv.groups, relu=relu,
         **batch_norm_call_args(bn),
     )
+
+
+def check_native_conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: Tensor | None) -> None:
+    """The checks of ``resnet_fast::conv_bn_act`` for a fusable pair, run by the native path
+    (no operator runs). Under autocast the convolution's dtypes are autocast's to choose."""
+    args = batch_norm_call_args(bn)
+    check_conv_bn_act_args(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
+                           bn.weight, bn.bias, residual, args["running_mean"], args["running_var"],
+                           args["training"], autocast=_autocast_dtype(x) is not None)
+
+
+def native_conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: Tensor | None = None,
+                       relu: bool = True) -> Tensor:
+    """``relu(bn(conv(x)) + residual)`` as torchvision eager runs it: ``conv2d``,
+    ``batch_norm``, in-place ``add_`` and ``relu_`` (no fold in evaluation)."""
+    check_native_conv_bn(x, conv, bn, residual)
+    return native_add_relu(native_batch_norm(bn, conv(x)), residual, relu)
 
 
 def is_stats_fusable(conv: nn.Module, bn: nn.Module) -> bool:

@@ -33,9 +33,11 @@ from resnet_fast.ops.common import (
     output_memory_format,
 )
 from resnet_fast.ops.dispatch import select_kernel
+from resnet_fast.ops.triton_ops import share_autograd, triton_op, uses_triton_op
 
 
-def _check(input, weight, bias, residual, running_mean, running_var, training):
+def check_batch_norm_act_args(input, weight, bias, residual, running_mean, running_var, training) -> None:
+    """Every check of ``batch_norm_act``'s arguments (no operator runs)."""
     check_input_4d("input", input)
     check_batch_norm_args(input, weight, bias, residual, running_mean, running_var, training)
 
@@ -58,14 +60,14 @@ def batch_norm_act_op(
     relu: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (out, mean, var): the output and the per-channel statistics used."""
-    _check(input, weight, bias, residual, running_mean, running_var, training)
+    check_batch_norm_act_args(input, weight, bias, residual, running_mean, running_var, training)
     kernel = select_kernel("batch_norm_act", input)
     return kernel(input, weight, bias, residual, running_mean, running_var, training, eps, relu)
 
 
 @batch_norm_act_op.register_fake
 def _(input, weight, bias, residual, running_mean, running_var, training, eps, relu):
-    _check(input, weight, bias, residual, running_mean, running_var, training)
+    check_batch_norm_act_args(input, weight, bias, residual, running_mean, running_var, training)
     out = torch.empty(input.shape, dtype=input.dtype, device=input.device,
                       memory_format=output_memory_format(input))
     return (out, *_empty_stats(input, input.shape[1]))
@@ -155,7 +157,10 @@ def batch_norm_act_grads(ctx, grad_out: Tensor, x: Tensor, weight, mean, var, ou
 
     Shared by this op's autograd and by ``conv_bn_act``'s; ``x`` is the normalised tensor.
     """
-    grad_input, grad_weight, grad_bias, grad_residual = batch_norm_act_backward_op(
+    backward = batch_norm_act_backward_op
+    if uses_triton_op("batch_norm_act_backward", x):
+        backward = triton_op("batch_norm_act_backward")
+    grad_input, grad_weight, grad_bias, grad_residual = backward(
         grad_out, x, weight, mean, var, out, ctx.training, ctx.eps, ctx.relu, need_residual and ctx.relu
     )
     if need_residual and not ctx.relu:
@@ -182,6 +187,19 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var):
 
 
 batch_norm_act_op.register_autograd(_backward, setup_context=_setup_context)
+share_autograd("batch_norm_act", _backward, _setup_context)
+
+
+def batch_norm_act_forward(input, weight, bias, residual, running_mean, running_var, training: bool, eps: float,
+                           relu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``resnet_fast::batch_norm_act``, or, when the triton backend serves the call, its
+    ``triton_op`` called directly after the same checks (:mod:`resnet_fast.ops.triton_ops`:
+    what torch.compile can see into)."""
+    if isinstance(input, Tensor) and uses_triton_op("batch_norm_act", input):
+        check_batch_norm_act_args(input, weight, bias, residual, running_mean, running_var, training)
+        forward = triton_op("batch_norm_act")
+        return forward(input, weight, bias, residual, running_mean, running_var, training, eps, relu)
+    return batch_norm_act_op(input, weight, bias, residual, running_mean, running_var, training, eps, relu)
 
 
 def update_running_stats_after(
@@ -222,8 +240,8 @@ def batch_norm_act(
     ``input`` is (N, C, H, W) in float16, bfloat16, float32 or float64, NCHW or
     channels_last; the output has its dtype and memory format.
     """
-    out, mean, var = batch_norm_act_op(input, weight, bias, residual, running_mean, running_var,
-                                       training, eps, relu)
+    out, mean, var = batch_norm_act_forward(input, weight, bias, residual, running_mean, running_var,
+                                            training, eps, relu)
     update_running_stats_after(input, mean, var, running_mean, running_var, num_batches_tracked,
                                training, momentum)
     return out

@@ -6,7 +6,8 @@ statistics and ``num_batches_tracked`` untouched. Messages name the argument.
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -55,11 +56,21 @@ def check_dtype_on_device(name: str, t: torch.Tensor) -> None:
         )
 
 
-def check_same_device(reference: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+class TensorMeta(NamedTuple):
+    """What the checks read of a tensor that does not exist yet (a convolution's output):
+    shape, dtype and device. Building it runs no operator."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+
+def check_same_device(reference: torch.Tensor | TensorMeta, **tensors: torch.Tensor | None) -> None:
+    device = reference.device
     for name, t in tensors.items():
-        if t is not None and t.device != reference.device:
+        if t is not None and t.device != device:
             raise ValueError(
-                f"{name} is on {t.device} but input is on {reference.device}; "
+                f"{name} is on {t.device} but input is on {device}; "
                 "move them to the same device"
             )
 
@@ -82,8 +93,25 @@ def check_per_channel(name: str, t: torch.Tensor | None, channels: int) -> None:
         )
 
 
+LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def check_batch_norm_dtype(name: str, t: torch.Tensor | None, x_dtype: torch.dtype, input_name: str) -> None:
+    """``nn.BatchNorm2d``'s dtype rule: a parameter or running statistic has the input's
+    dtype, or is float32 for a float16/bfloat16 input (mixed precision, as autocast runs it).
+    torch refuses everything else ("mixed dtype"); so does this, naming both dtypes."""
+    if t is None or t.dtype == x_dtype or (t.dtype == torch.float32 and x_dtype in LOW_PRECISION_DTYPES):
+        return
+    allowed = f"{x_dtype}" + (" or torch.float32" if x_dtype in LOW_PRECISION_DTYPES else "")
+    raise TypeError(
+        f"{input_name} is {x_dtype} but {name} is {t.dtype}; BatchNorm parameters and running statistics "
+        f"must be {allowed} for a {x_dtype} {input_name}, as nn.BatchNorm2d requires: convert the module "
+        f"(module.to({x_dtype})) or the {input_name}, or run under torch.autocast"
+    )
+
+
 def check_batch_norm_args(
-    x: torch.Tensor,
+    x: torch.Tensor | TensorMeta,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     residual: torch.Tensor | None,
@@ -95,14 +123,17 @@ def check_batch_norm_args(
 ) -> None:
     """Everything BatchNorm(+add)(+ReLU) needs of its arguments, checked up front.
 
-    ``x`` is the tensor being normalised; ``input_name`` is what the error calls it.
-    ``check_count=False`` leaves the "more than one value per channel" check to the
-    caller (synchronized BatchNorm counts the values of the whole group).
+    ``x`` is the tensor being normalised (or its :class:`TensorMeta`); ``input_name`` is
+    what the error calls it. ``check_count=False`` leaves the "more than one value per
+    channel" check to the caller (synchronized BatchNorm counts the values of the whole
+    group). Dtypes follow ``nn.BatchNorm2d`` (:func:`check_batch_norm_dtype`); the residual
+    may have any floating dtype (it is added in place: the result keeps ``x``'s dtype).
     """
     channels = x.shape[1]
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
                     ("running_var", running_var)):
         check_per_channel(name, t, channels)
+        check_batch_norm_dtype(name, t, x.dtype, input_name)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be given or both be None")
     if not training and running_mean is None:
@@ -116,7 +147,7 @@ def check_batch_norm_args(
             )
     check_same_device(x, weight=weight, bias=bias, residual=residual,
                       running_mean=running_mean, running_var=running_var)
-    if training and check_count and x.numel() // max(channels, 1) <= 1:
+    if training and check_count and math.prod(x.shape) // max(channels, 1) <= 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got {input_name} "
             f"size {tuple(x.shape)}"
@@ -153,10 +184,13 @@ def check_conv_args(
     dilation: Sequence[int],
     groups: int,
     weight_name: str = "conv_weight",
+    autocast: bool = False,
 ) -> tuple[int, int, int, int]:
     """Check the convolution's arguments; return its output shape.
 
-    ``weight_name`` is what the errors call ``conv_weight``.
+    ``weight_name`` is what the errors call ``conv_weight``. ``autocast=True``: the call
+    runs under ``torch.autocast``, which casts input, weight and bias to one dtype, so
+    their dtypes need not match here.
     """
     check_input_4d("input", x)
     check_float_tensor(weight_name, conv_weight)
@@ -174,13 +208,13 @@ def check_conv_args(
             f"input has {x.shape[1]} channels but {weight_name} expects "
             f"{conv_weight.shape[1] * groups} (shape {tuple(conv_weight.shape)}, groups={groups})"
         )
-    if conv_weight.dtype != x.dtype:
+    if conv_weight.dtype != x.dtype and not autocast:
         raise TypeError(
             f"input is {x.dtype} but {weight_name} is {conv_weight.dtype}; they must match "
             "(under torch.autocast the resnet_fast modules cast both)"
         )
     check_per_channel("conv_bias", conv_bias, conv_weight.shape[0])
-    if conv_bias is not None and conv_bias.dtype != x.dtype:
+    if conv_bias is not None and conv_bias.dtype != x.dtype and not autocast:
         raise TypeError(f"input is {x.dtype} but conv_bias is {conv_bias.dtype}; they must match")
     check_same_device(x, **{weight_name: conv_weight}, conv_bias=conv_bias)
     return conv_output_shape(x, conv_weight, stride, padding, dilation)

@@ -27,6 +27,7 @@ from resnet_fast.ops.common import (
     output_memory_format,
 )
 from resnet_fast.ops.dispatch import select_kernel
+from resnet_fast.ops.triton_ops import share_autograd, triton_op, uses_triton_op
 
 
 def _check(input, weight, bias, residual, stride, padding, dilation) -> tuple[int, int, int, int]:
@@ -90,6 +91,7 @@ def _backward(ctx, grad_out):
 
 
 conv2d_bias_act_op.register_autograd(_backward, setup_context=_setup_context)
+share_autograd("conv2d_bias_act", _backward, _setup_context)
 
 
 def _pair(value: int | tuple[int, int] | list[int]) -> list[int]:
@@ -112,5 +114,8 @@ def conv2d_bias_act(
     As ``F.conv2d`` with groups=1 and zero padding given as numbers; ``residual`` (the
     output's shape) is added and ReLU applied when asked.
     """
-    return conv2d_bias_act_op(input, weight, bias, residual, _pair(stride), _pair(padding), _pair(dilation),
-                              relu)
+    args = (input, weight, bias, residual, _pair(stride), _pair(padding), _pair(dilation), relu)
+    if isinstance(input, Tensor) and uses_triton_op("conv2d_bias_act", input):
+        _check(*args[:-1])  # then the triton_op itself, which torch.compile sees into
+        return triton_op("conv2d_bias_act")(*args)
+    return conv2d_bias_act_op(*args)

@@ -58,6 +58,7 @@ from resnet_fast.ops.common import (
 )
 from resnet_fast.ops.dispatch import select_kernel
 from resnet_fast.ops.scale_shift_act import apply_scale_shift, scale_shift_backward
+from resnet_fast.ops.triton_ops import share_autograd, triton_op, uses_triton_op
 
 
 def _check(input, weight, stride, padding, dilation, prologue_scale, prologue_shift):
@@ -148,6 +149,7 @@ def _backward(ctx, grad_out, grad_mean, grad_var):
 
 
 conv2d_stats_op.register_autograd(_backward, setup_context=_setup_context)
+share_autograd("conv2d_stats", _backward, _setup_context)
 
 
 def _pair(value: int | tuple[int, int] | list[int]) -> list[int]:
@@ -171,5 +173,9 @@ def conv2d_stats(
     Without ``prologue_scale``/``prologue_shift`` the input is used as it is (and
     ``prologue_relu`` is ignored).
     """
-    return conv2d_stats_op(input, weight, _pair(stride), _pair(padding), _pair(dilation),
-                           prologue_scale, prologue_shift, prologue_relu)
+    args = (input, weight, _pair(stride), _pair(padding), _pair(dilation), prologue_scale, prologue_shift,
+            prologue_relu)
+    if isinstance(input, Tensor) and uses_triton_op("conv2d_stats", input):
+        _check(*args[:-1])  # then the triton_op itself, which torch.compile sees into
+        return triton_op("conv2d_stats")(*args)
+    return conv2d_stats_op(*args)

@@ -16,26 +16,38 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from resnet_fast.ops.batch_norm_act import (
+    batch_norm_act_forward,
     batch_norm_act_grads,
     save_batch_norm_context,
     update_running_stats_after,
 )
 from resnet_fast.ops.common import (
+    TensorMeta,
     accumulation_dtype,
     check_batch_norm_args,
     check_conv_args,
     output_memory_format,
 )
 from resnet_fast.ops.dispatch import select_kernel
+from resnet_fast.ops.triton_ops import uses_triton_op
 
 
-def _check(input, conv_weight, conv_bias, stride, padding, dilation, groups, weight, bias, residual,
-           running_mean, running_var, training) -> tuple[int, int, int, int]:
-    out_shape = check_conv_args(input, conv_weight, conv_bias, stride, padding, dilation, groups)
-    conv_out = input.new_empty(()).expand(out_shape)  # shape-only stand-in for the BN checks
+def check_conv_bn_act_args(input, conv_weight, conv_bias, stride, padding, dilation, groups, weight, bias,
+                           residual, running_mean, running_var, training,
+                           autocast: bool = False) -> tuple[int, int, int, int]:
+    """Every check of ``conv_bn_act``'s arguments (no operator runs); returns the output shape.
+
+    ``autocast=True``: under ``torch.autocast`` (the native path), which casts the
+    convolution's input and weight to its dtype, so theirs need not match.
+    """
+    out_shape = check_conv_args(input, conv_weight, conv_bias, stride, padding, dilation, groups,
+                                autocast=autocast)
+    conv_dtype = torch.get_autocast_dtype(input.device.type) if autocast else input.dtype
+    conv_out = TensorMeta(out_shape, conv_dtype, input.device)
     check_batch_norm_args(conv_out, weight, bias, residual, running_mean, running_var,
                           training, input_name="convolution output")
     return out_shape
@@ -60,7 +72,7 @@ def conv_bn_act_op(
     relu: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (out, conv_out, mean, var)."""
-    _check(input, conv_weight, conv_bias, stride, padding, dilation, groups, weight, bias, residual,
+    check_conv_bn_act_args(input, conv_weight, conv_bias, stride, padding, dilation, groups, weight, bias, residual,
            running_mean, running_var, training)
     kernel = select_kernel("conv_bn_act", input)
     return kernel(input, conv_weight, conv_bias, stride, padding, dilation, groups, weight, bias,
@@ -70,7 +82,7 @@ def conv_bn_act_op(
 @conv_bn_act_op.register_fake
 def _(input, conv_weight, conv_bias, stride, padding, dilation, groups, weight, bias, residual,
       running_mean, running_var, training, eps, relu):
-    out_shape = _check(input, conv_weight, conv_bias, stride, padding, dilation, groups, weight, bias,
+    out_shape = check_conv_bn_act_args(input, conv_weight, conv_bias, stride, padding, dilation, groups, weight, bias,
                        residual, running_mean, running_var, training)
     fmt = output_memory_format(input)
     out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=fmt)
@@ -141,10 +153,21 @@ def conv_bn_act(
     arguments as :func:`resnet_fast.ops.batch_norm_act`, running statistics updated in
     training.
     """
-    out, conv_out, mean, var = conv_bn_act_op(
-        input, conv_weight, conv_bias, _pair(stride), _pair(padding), _pair(dilation), groups,
-        weight, bias, residual, running_mean, running_var, training, eps, relu,
-    )
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    if isinstance(input, Tensor) and uses_triton_op("conv_bn_act", input):
+        # The triton backend's conv_bn_act is cuDNN's convolution, then its batch_norm_act:
+        # called as such, torch.compile sees the BatchNorm's triton_op (and autograd the aten conv).
+        check_conv_bn_act_args(input, conv_weight, conv_bias, stride, padding, dilation, groups, weight, bias,
+                               residual, running_mean, running_var, training)
+        conv_out = F.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
+        conv_out = conv_out.contiguous(memory_format=output_memory_format(input))
+        out, mean, var = batch_norm_act_forward(conv_out, weight, bias, residual, running_mean, running_var,
+                                                training, eps, relu)
+    else:
+        out, conv_out, mean, var = conv_bn_act_op(
+            input, conv_weight, conv_bias, stride, padding, dilation, groups,
+            weight, bias, residual, running_mean, running_var, training, eps, relu,
+        )
     update_running_stats_after(conv_out, mean, var, running_mean, running_var, num_batches_tracked,
                                training, momentum)
     return out

@@ -31,6 +31,18 @@ The choice is process-wide: :func:`set_backend`, or the environment variable
 ``RESNET_FAST_BACKEND`` read at import time. Choosing a backend this machine cannot run
 at all warns right away (:class:`BackendUnavailableWarning`); an unknown value of the
 variable warns, naming it, and leaves ``auto``.
+
+Native path: where ``auto`` chooses no fused backend for a tensor (every CPU tensor; a CUDA
+tensor whose device no validation allows a fused backend on), the modules of
+:mod:`resnet_fast.nn` run exactly the aten operators torchvision's eager modules run, not
+the ``torch`` backend's float32 re-composition (:func:`runs_native`). The one place that
+says whether ``auto`` may use a fused backend on a device is :func:`auto_refusal`.
+
+Decisions are cached: :func:`select_kernel` once per (choice, operator, device, dtype,
+compute capability) and :func:`runs_native` once per (choice, device, dtype), until a
+registration changes (``register_kernel``, ``register_input_check``, an attribute or table
+of a :class:`Backend` being replaced or edited) or the validation records do
+(:func:`resnet_fast.validation.clear_cache`).
 """
 
 from __future__ import annotations
@@ -40,7 +52,7 @@ import importlib.util
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -102,6 +114,50 @@ def device_capability(device: torch.device) -> tuple[int, int]:
     return _capability_of(index)
 
 
+_SELECTION_CACHE: dict[tuple, tuple[Callable, str | None, str]] = {}
+_NATIVE_CACHE: dict[tuple[str, torch.device, torch.dtype], bool] = {}
+
+
+def clear_dispatch_cache() -> None:
+    """Forget every cached dispatch decision (done automatically when the choice or a
+    registration changes)."""
+    _SELECTION_CACHE.clear()
+    _NATIVE_CACHE.clear()
+
+
+class _Table(dict):
+    """A dict whose every change clears the dispatch caches (a backend's kernels,
+    requirements and implementations)."""
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        clear_dispatch_cache()
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        clear_dispatch_cache()
+
+    def pop(self, *args):
+        clear_dispatch_cache()
+        return super().pop(*args)
+
+    def popitem(self):
+        clear_dispatch_cache()
+        return super().popitem()
+
+    def clear(self):
+        super().clear()
+        clear_dispatch_cache()
+
+    def update(self, *args, **kwargs):
+        super().update(*args, **kwargs)
+        clear_dispatch_cache()
+
+    def setdefault(self, key, default=None):
+        clear_dispatch_cache()
+        return super().setdefault(key, default)
+
+
 @dataclass
 class Backend:
     """One implementation family of the operators.
@@ -114,6 +170,9 @@ class Backend:
     the reasons it cannot take it otherwise (its dtype, say). ``implementations`` maps an
     operator whose kernel picks among implementations by GPU to a function of the compute
     capability (None: no GPU) that says which runs there (:func:`backend_info` reports it).
+
+    The checks see an input's device and dtype only (``example.device``, ``.dtype``,
+    ``.is_cuda``): decisions are cached on exactly those.
     """
 
     name: str
@@ -123,6 +182,12 @@ class Backend:
     input_check: Callable[[torch.Tensor], list[str]] | None = None
     requirements: dict[str, CapabilityRequirement] = field(default_factory=dict)
     implementations: dict[str, Callable[[tuple[int, int] | None], str]] = field(default_factory=dict)
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, dict) and not isinstance(value, _Table):
+            value = _Table(value)
+        object.__setattr__(self, name, value)
+        clear_dispatch_cache()
 
     def capability_reason(self, op: str, example: torch.Tensor) -> str | None:
         """Why ``op``'s kernel should not run on ``example``'s GPU (None: it may, or no GPU)."""
@@ -155,10 +220,17 @@ class Backend:
             if not explicit and capability is not None:
                 reasons.append(capability)
         if not explicit and not reasons and self.name != "torch" and example is not None and example.is_cuda:
-            unvalidated = validation.auto_reason(self.name, example.device)
-            if unvalidated is not None:
-                reasons.append(unvalidated)
+            refusal = auto_refusal(self, example.device)
+            if refusal is not None:
+                reasons.append(refusal)
         return reasons
+
+
+def auto_refusal(backend: Backend, device: torch.device) -> str | None:
+    """Why ``auto`` may not use the fused ``backend`` on the CUDA ``device`` (None: a
+    validation record lets it): the one place dispatch asks
+    :func:`resnet_fast.validation.auto_reason`."""
+    return validation.auto_reason(backend.name, device)
 
 
 def _cuda_extension_reasons() -> list[str]:
@@ -251,6 +323,7 @@ def set_backend(name: str) -> None:
     """
     _state["choice"] = _validate_choice(name)
     _warn_if_unavailable(name, f"set_backend({name!r})")
+    clear_dispatch_cache()
 
 
 def get_backend() -> str:
@@ -273,6 +346,7 @@ def register_kernel(
         BACKENDS[backend].kernels[op] = fn
         if requires is not None:
             BACKENDS[backend].requirements[op] = requires
+        clear_dispatch_cache()
         return fn
 
     return decorate
@@ -294,13 +368,66 @@ def _warn_once(backend: str, op: str, device: torch.device, reason: str) -> None
                       "set_backend('auto') picks a faster backend here", CapabilityWarning, stacklevel=3)
 
 
+class _Example(NamedTuple):
+    """What a backend's checks may read of an input: its device and dtype (``is_cuda``
+    too). Decisions depend on nothing else, which is what lets them be cached."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
 def select_kernel(op: str, example: torch.Tensor) -> Callable:
     """The implementation of ``op`` that the current choice gives for ``example``.
 
     An explicit backend whose kernel declared a capability the device lacks still runs
-    (its result is correct), with a one-time :class:`CapabilityWarning`.
+    (its result is correct), with a one-time :class:`CapabilityWarning`. The decision is
+    cached per (choice, operator, device, dtype, compute capability); a refusal is not
+    cached (it raises each time, with its reasons).
     """
     choice = _state["choice"]
+    kernel, warning, _ = _selection(op, example.device, example.dtype, choice)
+    if warning is not None:
+        _warn_once(choice, op, example.device, warning)
+    return kernel
+
+
+def chosen_backend(op: str, example: torch.Tensor) -> str | None:
+    """The name of the backend the current choice runs ``op`` on ``example`` with (None:
+    the choice refuses it; :func:`select_kernel` then raises, with the reasons). What tools
+    report as "ran", e.g. ``torch`` for ``auto`` on a CPU (the wrappers ask it, through
+    :func:`resnet_fast.ops.triton_ops.uses_triton_op`, whether to call the ``triton``
+    backend's ``triton_op`` directly). Under torch.compile it is decided at trace time (the
+    graph is guarded on the choice, the device and the dtype)."""
+    return _chosen_backend(op, example.device, example.dtype, _state["choice"])
+
+
+def chosen_backend_of(op: str, device: torch.device, dtype: torch.dtype, choice: str) -> str | None:
+    """:func:`chosen_backend` for a (device, dtype) and an explicit choice."""
+    try:
+        return _selection(op, device, dtype, choice)[2]
+    except BackendUnavailableError:
+        return None
+
+
+@torch.compiler.assume_constant_result
+def _chosen_backend(op: str, device: torch.device, dtype: torch.dtype, choice: str) -> str | None:
+    return chosen_backend_of(op, device, dtype, choice)
+
+
+def _selection(op: str, device: torch.device, dtype: torch.dtype, choice: str) -> tuple[Callable, str | None, str]:
+    key = (choice, op, device, dtype, device_capability(device) if device.type == "cuda" else None)
+    cached = _SELECTION_CACHE.get(key)
+    if cached is None:
+        cached = _SELECTION_CACHE[key] = _decide_kernel(op, _Example(device, dtype), choice)
+    return cached
+
+
+def _decide_kernel(op: str, example: _Example, choice: str) -> tuple[Callable, str | None, str]:
+    """(kernel, capability warning or None, backend name) for :func:`select_kernel`."""
     if choice != "auto":
         backend = BACKENDS[choice]
         reasons = backend.not_supported_reasons(op, example)
@@ -308,24 +435,39 @@ def select_kernel(op: str, example: torch.Tensor) -> Callable:
             raise BackendUnavailableError(
                 f"resnet_fast backend '{choice}' cannot run {op}: " + "; ".join(reasons)
             )
-        capability = backend.capability_reason(op, example)
-        if capability is not None:
-            _warn_once(choice, op, example.device, capability)
-        return backend.kernels[op]
+        return backend.kernels[op], backend.capability_reason(op, example), choice
     for name in BACKEND_NAMES:
         if not BACKENDS[name].not_supported_reasons(op, example, explicit=False):
-            return BACKENDS[name].kernels[op]
+            return BACKENDS[name].kernels[op], None, name
     raise BackendUnavailableError(f"no resnet_fast backend implements {op}")  # torch always does
 
 
-def chosen_backend(op: str, example: torch.Tensor) -> str | None:
-    """The name of the backend the current choice runs ``op`` on ``example`` with (None:
-    the choice refuses it). What tools report as "ran", e.g. ``torch`` for ``auto`` on a CPU."""
-    try:
-        kernel = select_kernel(op, example)
-    except BackendUnavailableError:
-        return None
-    return next((name for name, backend in BACKENDS.items() if backend.kernels.get(op) is kernel), None)
+FUSED_BACKENDS = ("cuda", "triton")
+_NATIVE_PROBE_OP = "batch_norm_act"  # every fused backend implements it; its reasons are the backend's
+
+
+def runs_native(x: torch.Tensor) -> bool:
+    """Whether the modules run ``x`` on the native path: exactly torchvision eager's aten ops.
+
+    True when the choice is ``auto`` and ``auto`` takes no fused backend for ``x``'s
+    (device, dtype): always on the CPU, and on a GPU whose device no validation allows a
+    fused backend on (:func:`auto_refusal`). An explicit ``set_backend`` (``torch``
+    included: the reference composition, the test oracle) never runs natively. Decided
+    once per (choice, device, dtype) and cached; under torch.compile, at trace time.
+    """
+    return _runs_native(x.device, x.dtype, _state["choice"])
+
+
+@torch.compiler.assume_constant_result
+def _runs_native(device: torch.device, dtype: torch.dtype, choice: str) -> bool:
+    key = (choice, device, dtype)
+    native = _NATIVE_CACHE.get(key)
+    if native is None:
+        example = _Example(device, dtype)
+        native = _NATIVE_CACHE[key] = choice == "auto" and all(
+            BACKENDS[name].not_supported_reasons(_NATIVE_PROBE_OP, example, explicit=False)
+            for name in FUSED_BACKENDS)
+    return native
 
 
 def _validation_info(name: str) -> dict[str, dict]:
