@@ -320,6 +320,10 @@ def test_kernel_check_uses_the_self_check_where_it_exists(tmp_path, monkeypatch,
     assert task.env["RESNET_FAST_AUTOTUNE"] == "0"
     if available:
         assert task.argv[1:3] == ("-m", "resnet_fast.check") and "--json" in task.argv and "--record-dir" in task.argv
+        assert "--interpret" not in task.argv and "TRITON_INTERPRET" not in task.env
+        dry = CheckContext(out=tmp_path / "dry", work=tmp_path / "work", dry_run=True)
+        [rehearsal] = gpu_check.plan_kernel_check(dry)
+        assert "--interpret" in rehearsal.argv and rehearsal.env["TRITON_INTERPRET"] == "1"
         assert not ctx.kernel_tests_ran
     else:
         assert task.argv[1:3] == ("-m", "pytest") and "gpu" in task.argv and ctx.kernel_tests_ran

@@ -263,6 +263,8 @@ def plan_kernel_check(ctx: CheckContext) -> list[Task]:
     if self_check_available():
         report, record_dir = ctx.work / "self-check.json", ctx.work / "validation-records"
         args = ["--json", str(report), "--record-dir", str(record_dir)] + (["--interpret"] if ctx.dry_run else [])
+        if ctx.dry_run:  # Triton reads it when first imported, which importing resnet_fast already does
+            env["TRITON_INTERPRET"] = "1"
         return [Task("self_check", argv=ctx.python_module("resnet_fast.check", *args), env=env,
                      ingest=lambda: self_check_records(report, record_dir))]
     ctx.kernel_tests_ran = True
