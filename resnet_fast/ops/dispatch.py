@@ -58,6 +58,17 @@ import torch
 
 from resnet_fast import validation
 
+
+def constant_under_compile(fn: Callable) -> Callable:
+    """Mark ``fn`` so that torch.compile calls it at trace time and keeps its result as a
+    constant (what ``torch.compiler.assume_constant_result`` does), without importing
+    ``torch._dynamo`` here: that import takes about a second and imports triton, which
+    must not happen in ``import resnet_fast`` (``TRITON_INTERPRET`` is read when triton is
+    first imported). ``tests/test_import.py`` checks the mark equals torch's."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 BACKEND_NAMES = ("cuda", "triton", "torch")
 _CHOICES = ("auto", *BACKEND_NAMES)
 
@@ -413,7 +424,7 @@ def chosen_backend_of(op: str, device: torch.device, dtype: torch.dtype, choice:
         return None
 
 
-@torch.compiler.assume_constant_result
+@constant_under_compile
 def _chosen_backend(op: str, device: torch.device, dtype: torch.dtype, choice: str) -> str | None:
     return chosen_backend_of(op, device, dtype, choice)
 
@@ -458,7 +469,7 @@ def runs_native(x: torch.Tensor) -> bool:
     return _runs_native(x.device, x.dtype, _state["choice"])
 
 
-@torch.compiler.assume_constant_result
+@constant_under_compile
 def _runs_native(device: torch.device, dtype: torch.dtype, choice: str) -> bool:
     key = (choice, device, dtype)
     native = _NATIVE_CACHE.get(key)

@@ -46,7 +46,7 @@ def share_autograd(op: str, backward: Callable, setup_context: Callable) -> None
     AUTOGRAD[op] = (backward, setup_context)
 
 
-@torch.compiler.assume_constant_result
+@dispatch.constant_under_compile
 def _load(op: str) -> str:
     """Import ``op``'s kernel module and register its autograd formula (once); the name of
     its ``triton_op``. torch.compile runs this at trace time (a constant result), so the
@@ -75,7 +75,7 @@ def uses_triton_op(op: str, example: torch.Tensor) -> bool:
     return _uses_triton_op(op, example.device, example.dtype, dispatch.get_backend())
 
 
-@torch.compiler.assume_constant_result
+@dispatch.constant_under_compile
 def _uses_triton_op(op: str, device: torch.device, dtype: torch.dtype, choice: str) -> bool:
     if dispatch.chosen_backend_of(op, device, dtype, choice) != "triton":
         return False
