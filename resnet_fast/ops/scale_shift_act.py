@@ -100,7 +100,8 @@ def scale_shift_backward(grad_out: Tensor, input: Tensor, scale: Tensor, out: Te
     """
     if not input.is_cuda:
         acc = accumulation_dtype(input.dtype)
-        masked = grad_out.masked_fill(out <= 0, 0) if relu else grad_out
+        # ReLU's own backward: grad_out where out > 0, else 0 (masked_fill(out <= 0, 0) in one operator)
+        masked = torch.ops.aten.threshold_backward(grad_out, out, 0) if relu else grad_out
         dy = to_dtype(masked, acc)
         fmt = output_memory_format(input)
         grad_input = to_dtype(dy * _per_channel(scale, acc), input.dtype).contiguous(memory_format=fmt) \
