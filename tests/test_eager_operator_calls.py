@@ -167,3 +167,20 @@ def test_batch_norm_scale_shift_node_equals_its_operators_bitwise(param_dtype, a
         composed_grads = torch.autograd.grad(composed, leaves, grads_out)
         for a, b in zip(node_grads, composed_grads):
             assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_torch_compile_still_traces_the_operators():
+    """Under torch.compile the graph holds the operators, not the eager autograd nodes."""
+    resnet_fast.set_backend("torch")
+    block = _fused_block("bottleneck", 2, torch.float32, 0.1)
+    targets: set[str] = set()
+
+    def record(gm: torch.fx.GraphModule, example_inputs):
+        targets.update(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(block, backend=record, fullgraph=True)(torch.randn(2, 8, 6, 6, requires_grad=True))
+    assert {"resnet_fast.conv2d_stats.default", "resnet_fast.scale_shift_act.default",
+            "resnet_fast.update_running_stats.default"} <= targets, targets
+    assert not any("autograd_function" in target for target in targets), targets
