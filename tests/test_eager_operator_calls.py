@@ -184,3 +184,32 @@ def test_torch_compile_still_traces_the_operators():
     assert {"resnet_fast.conv2d_stats.default", "resnet_fast.scale_shift_act.default",
             "resnet_fast.update_running_stats.default"} <= targets, targets
     assert not any("autograd_function" in target for target in targets), targets
+
+
+
+def test_torch_func_transforms_meet_the_operators():
+    """Inside a ``torch.func`` transform the wrappers call the operators, as before."""
+    seen = []
+
+    def probe(x):
+        seen.append(runs_eagerly(x))
+        return x.sum()
+
+    torch.func.grad(probe)(torch.randn(3))
+    assert seen == [False]
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_eager_fused_training_forward_without_autograd(context):
+    """A training-mode forward without autograd (statistics still updated) equals the operators'."""
+    resnet_fast.set_backend("torch")
+    block = _fused_block("bottleneck", 2, torch.float32, 0.1)
+    same_block = copy.deepcopy(block)
+    x = torch.randn(2, 8, 6, 6)
+    with context():
+        out = block(x)
+        with PassThrough():
+            expected = same_block(x)
+    assert torch.equal(out, expected)
+    for a, b in zip(block.buffers(), same_block.buffers()):
+        assert torch.equal(a, b)

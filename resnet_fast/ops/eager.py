@@ -12,8 +12,9 @@ saved tensors and the same backward, so the results are bit-identical.
 Something needs to see the operator (:func:`runs_eagerly` is False) while torch.compile
 or torch.export traces (their graphs hold the operators), while a ``TorchDispatchMode``
 is active (fake tensors, ``make_fx``, tests that record the operators called), while
-``torch.profiler`` records (its traces name the operators), and for tensor subclasses
-(which may define the operator for themselves).
+``torch.profiler`` records (its traces name the operators), inside ``torch.func``
+transforms (``grad``, ``vmap``: they meet the operators, as before), and for tensor
+subclasses (which may define the operator for themselves).
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 def runs_eagerly(*tensors: Tensor | None) -> bool:
     """Whether an operator call on ``tensors`` may skip the ``torch.library`` call: no
-    tracing, no dispatch mode, no profiler, and plain tensors (module docstring)."""
+    tracing, no dispatch mode, no profiler, no ``torch.func`` transform, and plain tensors
+    (module docstring)."""
     if (torch.compiler.is_compiling() or _python_dispatch.is_in_torch_dispatch_mode()
-            or torch.autograd._profiler_enabled()):
+            or torch.autograd._profiler_enabled() or torch._C._functorch.peek_interpreter_stack() is not None):
         return False
     return all(t is None or type(t) in _PLAIN_TYPES for t in tensors)
 
