@@ -74,7 +74,10 @@ def test_dry_run_writes_every_stage_into_few_files(dry_run):
 def test_dry_run_records_measurements_and_checks_with_tolerances(dry_run):
     document = load_document(dry_run["out"] / "results.jsonl")
     kinds = {m["kind"] for m in document["measurements"]}
-    assert kinds == {"build", "throughput", "primitive"}
+    assert kinds == {"build", "throughput", "primitive", "host_overhead"}
+    host = [m for m in document["measurements"] if m["kind"] == "host_overhead"]
+    assert {"torchvision", "default", "fused_training"} <= {m["variant"] for m in host}
+    assert all(m["median_s"] > 0 for m in host)
     throughput = [m for m in document["measurements"] if m["kind"] == "throughput"]
     assert {"eager", "resnet_fast"} <= {m["variant"] for m in throughput}
     assert all(m["images_per_s"] > 0 for m in throughput)
@@ -328,7 +331,8 @@ def test_kernel_check_uses_the_self_check_where_it_exists(tmp_path, monkeypatch,
     else:
         assert task.argv[1:3] == ("-m", "pytest") and "gpu" in task.argv and ctx.kernel_tests_ran
         assert set(gpu_check.KERNEL_TEST_FILES) <= set(task.argv)
-        [rest] = gpu_check.plan_gpu_tests(ctx)
+        [host, rest] = gpu_check.plan_gpu_tests(ctx)
+        assert "benchmarks/bench_host_overhead.py" in host.argv and "gpu" in host.argv
         assert {f"--ignore={path}" for path in gpu_check.KERNEL_TEST_FILES} <= set(rest.argv)
 
 

@@ -377,8 +377,28 @@ def plan_primitives(ctx: CheckContext) -> list[Task]:
     return tasks
 
 
+def host_overhead_records(path: Path) -> list[dict[str, Any]]:
+    """A measurement per benchmark of ``benchmarks/bench_host_overhead.py``'s pytest-benchmark
+    JSON: host time per call (or per step, with the GPU time beside it) and the ratio to
+    torchvision, as its ``extra_info`` records them."""
+    if not path.exists():
+        return []
+    return [{"type": "measurement", "kind": "host_overhead", "name": bench["name"],
+             "median_s": bench["stats"]["median"], **bench.get("extra_info", {})}
+            for bench in json.loads(path.read_text()).get("benchmarks", [])]
+
+
 def plan_gpu_tests(ctx: CheckContext) -> list[Task]:
-    """The GPU-marked tests not already run (a dry run: one file's, which skip on the CPU)."""
+    """The host-overhead benchmark (per-call host time of the blocks against torchvision, and
+    host vs GPU time per step of ResNet-50 at batch 32 and ResNet-20 at batch 128), then the
+    GPU-marked tests not already run (a dry run: the benchmark's CPU rows, and one test file's,
+    which skip on the CPU)."""
+    host_json = ctx.work / "host-overhead.json"
+    host_argv = ctx.python_module("pytest", "benchmarks/bench_host_overhead.py", "-m", "not gpu" if ctx.dry_run else "gpu",
+                                  "-q", "-p", "no:cacheprovider", "--benchmark-quiet", f"--benchmark-json={host_json}")
+    host_env = {"RESNET_FAST_BENCH_HOST_ROUNDS": "2"} if ctx.dry_run else {}
+    host = Task("host_overhead", argv=host_argv, env=host_env, ingest=lambda: host_overhead_records(host_json),
+                min_s=10 if not ctx.dry_run else 1)
     junit = ctx.work / "gpu-tests.xml"
     if ctx.dry_run:
         selection = ["tests/test_fp16_grad_scaler.py"]
@@ -386,8 +406,8 @@ def plan_gpu_tests(ctx: CheckContext) -> list[Task]:
         selection = ["tests", *(f"--ignore={path}" for path in KERNEL_TEST_FILES if ctx.kernel_tests_ran)]
     argv = ctx.python_module("pytest", *selection, "-m", "gpu", "-q", "-rf", "-p", "no:cacheprovider",
                              f"--junitxml={junit}", "-o", "faulthandler_timeout=60")
-    return [Task("gpu_tests", argv=argv, env={**CORRECTNESS_ENV, "RESNET_FAST_EXPECT_CUDA_EXT": "0" if ctx.dry_run else "1"},
-                 ingest=lambda: junit_records(junit), min_s=10 if not ctx.dry_run else 1)]
+    return [host, Task("gpu_tests", argv=argv, env={**CORRECTNESS_ENV, "RESNET_FAST_EXPECT_CUDA_EXT": "0" if ctx.dry_run else "1"},
+                       ingest=lambda: junit_records(junit), min_s=10 if not ctx.dry_run else 1)]
 
 
 STAGES: tuple[Stage, ...] = (
@@ -601,6 +621,12 @@ def summary_lines(stage: Stage, stage_record: dict[str, Any], records: list[dict
         elif r["type"] == "measurement" and r["kind"] == "primitive":
             multiple = "n/a" if r["floor_multiple"] is None else f"{r['floor_multiple']:.2f}x floor"
             lines.append(f"- {r['bench']} {r['case']} {r['variant']}: {r['median_ms']:.3f} ms, {multiple}")
+        elif r["type"] == "measurement" and r["kind"] == "host_overhead":
+            if "gpu_ms" in r:  # a training step: host time against the GPU's
+                lines.append(f"- step of {r['name']}: host {r['host_ms']:.1f} ms, GPU {r['gpu_ms']:.1f} ms")
+            else:
+                ratio = f", {r['x_torchvision']:.2f}x torchvision" if r.get("x_torchvision") is not None else ""
+                lines.append(f"- host time {r['name']}: {r['median_s'] * 1e6:,.0f} us per call{ratio}")
         elif r["type"] == "measurement" and r["kind"] == "build":
             lines.append(f"- build: {r['seconds']:.0f} s ({r['command']})")
         elif r["type"] == "curve":
