@@ -1,103 +1,56 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine: build the CUDA extension for this GPU, run every test
-# (GPU tests included), the benchmark suite's fast path (bf16, channels_last) with its
-# Markdown report, and the profiler. The machine has torch, triton, pytest,
-# pytest-benchmark, rich, tqdm, matplotlib and ninja, and no network.
+# The GPU check: one call on a lent GPU builds the extension for that GPU, runs the kernel
+# check, model parity, the headline throughput, the primitives against the bandwidth floor
+# and the remaining GPU tests, under a deadline it never overruns.
 #
-#   scripts/gpu_check.sh [STAGE ...]    stages: build tests bench convs cudnn profile (default: all)
-#   OUT=dir                             results (default ./gpu-out)
-#   GPU_CHECK_BENCH_K="bf16-nhwc"       pytest -k filter for the benchmark suite
-#   GPU_CHECK_PROFILE_ARGS="..."        extra profiler arguments
+# Whoever has a GPU runs it first, as ONE device call (the machine's start, a minute or more,
+# comes out of the same 15 minutes, and one command may run at most 10):
+#
+#   run(command="bash scripts/gpu_check.sh", timeout_s=560)
+#
+#   bash scripts/gpu_check.sh [--deadline S] [--dry-run]    OUT=dir (default $OUT, else gpu-out)
+#
+# The driver is `python -m resnet_fast.bench.gpu_check` (stages, budgets, what each records:
+# see its docstring); the default deadline is 480 s, so a 560 s device timeout leaves room to
+# fetch the files. Stages in order of value, each under its own budget, a stage that would
+# not fit skipped and recorded as skipped: environment -> build (this GPU's architecture,
+# all cores) -> kernel check (`python -m resnet_fast.check` where it exists, else the
+# GPU-marked kernel tests; RESNET_FAST_AUTOTUNE=0) -> model parity (one training step vs
+# float64 and eager; ResNet-20 trained on scikit-learn's digits, fused vs eager) -> headline
+# (ResNet-50 bf16: eager, native, triton, cuda, fused training; fp16; ResNet-50 at batch 32
+# and ResNet-20 at batch 128 with and without CUDA graphs; torch.compile) -> primitives ->
+# remaining GPU tests.
+#
+# What comes back in $OUT (at most 8 files, none in sub-folders), each written as it grows,
+# so a kill keeps every finished result:
+#   results.jsonl            one record per line, appended the moment each result exists
+#   summary.md               readable, one part per stage, then the overall verdict
+#   check.log                the output of every process
+#   <gpu>-<yyyymmdd>.json    the results document (rewritten after each stage)
+#   BENCHMARKS.md            generated from the document;  plots.tar.gz: its PNG plots
+#
+# Then, on the development machine:
+#   cp <files_at>/<gpu>-<yyyymmdd>.json benchmarks/results/
+#   python -m resnet_fast.bench.report benchmarks/results/*.json -o BENCHMARKS.md --plots benchmarks/results/
+#   git add benchmarks/results BENCHMARKS.md     # the document is the source of truth
+# The kernel check is `python -m resnet_fast.check`: a backend that passes gets a validation
+# record, kept in the document under "self_checks"; written out as
+# resnet_fast/validation_records/<name>.json and committed (only for the code that ran), it
+# lets `auto` choose that backend on GPUs of that kind (the self-check issue).
 #
 # Extra Python packages travel as wheels in the git-ignored .whl/ folder at the repository
-# root (the machine has no network): `cudnn` (the cuDNN fused-engine race,
-# benchmarks/bench_cudnn_fused.py) needs nvidia-cudnn-frontend. Here, once:
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#     --implementation cp --platform manylinux_2_28_x86_64 -d .whl nvidia-cudnn-frontend
-# and pass `.whl` in the device call's carry; every wheel found there is installed (no
-# dependencies, into /tmp/site on PYTHONPATH) before the stages run. Without it the
-# race's cuDNN cases skip with the reason and ours are still timed.
+# root (the machine has no network); pass `.whl` in the device call's carry and every wheel
+# there is installed (no dependencies, into /tmp/site on PYTHONPATH) before the check.
 #
-# The stage limits add up to more than one device call's 10 minutes: the first call on a
-# lent GPU should run `build tests`, a second `build bench profile`, a third `build convs`
-# (the per-layer convolutions, benchmarks/bench_conv2d.py, whose max-autotune compiles
-# take minutes), a fourth `build cudnn` (a new machine starts bare, so each call builds;
-# a warm one rebuilds nothing).
-#
-# What comes back under $OUT (a handful of files, as the device tool returns at most 8):
-# summary.txt, tests.log, BENCHMARKS.md, BENCHMARKS-convs.md, cudnn.log, profile.json, and
-# gpu-results.tar.gz with every log, JSON file and plot.
+# CI runs `python -m resnet_fast.bench.gpu_check --dry-run` (tests/test_gpu_check.py): every
+# stage on the CPU at tiny shapes, the same files in the same format, labelled as a dry run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
-WORK=$(mktemp -d)
-mkdir -p "$OUT" "$WORK/plots"
 export PYTHONUNBUFFERED=1
-stages=${*:-build tests bench convs cudnn profile}
-status=0
-
-note() { echo "$*" | tee -a "$OUT/summary.txt"; }
-run_stage() {  # run_stage NAME SECONDS COMMAND...: time-limited, logged, failure noted
-  local name=$1 limit=$2; shift 2
-  local start=$SECONDS
-  timeout "$limit" "$@" >"$WORK/$name.log" 2>&1
-  local rc=$?
-  note "$name: exit $rc in $((SECONDS - start)) s"
-  tail -15 "$WORK/$name.log"
-  [ $rc -eq 0 ] || status=1
-}
-
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -c "import torch, triton; print('torch', torch.__version__, '| CUDA', torch.version.cuda, '| triton', triton.__version__)"
-} 2>&1 | tee "$OUT/summary.txt"
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} && note "installed $(ls .whl)" \
-    || note "installing the carried wheels failed"
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} && echo "installed $(ls .whl)" \
+    || echo "installing the carried wheels failed"
 fi
-cap=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-
-for stage in $stages; do
-  case $stage in
-    build)
-      run_stage build 300 env TORCH_CUDA_ARCH_LIST="$cap" RESNET_FAST_BUILD_CUDA=1 MAX_JOBS=16 \
-        python3 setup.py build_ext --inplace ;;
-    tests)
-      # The GPU-marked tests (the cuda backend's ones need the extension); CI runs the rest.
-      run_stage tests 480 env RESNET_FAST_EXPECT_CUDA_EXT=1 python3 -m pytest tests -q -ra \
-        -m gpu -p no:cacheprovider --junitxml="$WORK/tests.xml"
-      cp "$WORK/tests.log" "$OUT/tests.log" ;;
-    bench)
-      for level in "batch_norm_act conv_bn_act" blocks models; do
-        files=$(for f in $level; do echo "benchmarks/bench_$f.py"; done)
-        name=bench-${level%% *}
-        k="${GPU_CHECK_BENCH_K:-bf16-nhwc}"
-        [ "$level" = models ] && k="$k and (resnet50- or resnet56-)"
-        # shellcheck disable=SC2086
-        run_stage "$name" 240 python3 -m pytest $files -m gpu -k "$k" -q -rs -p no:cacheprovider \
-          --benchmark-quiet --benchmark-json="$WORK/$name.json"
-      done
-      run_stage report 60 python3 -m resnet_fast.bench.report "$WORK"/bench-*.json \
-        -o "$OUT/BENCHMARKS.md" --plots "$WORK/plots" ;;
-    convs)
-      run_stage bench-conv2d 540 python3 -m pytest benchmarks/bench_conv2d.py -m gpu -q -rs -p no:cacheprovider \
-        --benchmark-quiet --benchmark-json="$WORK/bench-conv2d.json"
-      run_stage report-convs 60 python3 -m resnet_fast.bench.report "$WORK/bench-conv2d.json" \
-        -o "$OUT/BENCHMARKS-convs.md" --plots "$WORK/plots" ;;
-    cudnn)
-      run_stage cudnn 420 python3 -m pytest benchmarks/bench_cudnn_fused.py -m gpu -q -rs -p no:cacheprovider \
-        --benchmark-quiet --benchmark-json="$WORK/cudnn-race.json"
-      cp "$WORK/cudnn.log" "$OUT/cudnn.log" ;;
-    profile)
-      # shellcheck disable=SC2086
-      run_stage profile 300 python3 -m resnet_fast.bench --json "$OUT/profile.json" \
-        --plot "$WORK/plots/profile.png" \
-        ${GPU_CHECK_PROFILE_ARGS:---compare eager,compile,resnet_fast:triton,resnet_fast:cuda} ;;
-    *) note "unknown stage $stage"; status=1 ;;
-  esac
-done
-
-tar czf "$OUT/gpu-results.tar.gz" -C "$WORK" .
-note "overall: $([ $status -eq 0 ] && echo ok || echo FAILED)"
-exit $status
+exec python3 -m resnet_fast.bench.gpu_check --out "$OUT" "$@"

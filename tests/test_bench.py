@@ -29,10 +29,12 @@ from resnet_fast.bench.profiler import (
     StepPlan,
     Variant,
     assign_speedups,
+    build_model,
     check_device_support,
     describe_error,
     graphed_step,
     images_per_second,
+    initial_state,
     make_infer_plan,
     make_train_plan,
     median_ms,
@@ -162,7 +164,7 @@ def test_skip_reasons():
     info = {"cuda": {"available": False, "reasons": ["no CUDA device is visible to torch"]},
             "torch": {"available": True, "reasons": []}}
     assert skip_reasons(Variant("eager", "eager"), "resnet18", info) == []
-    assert "CIFAR" in skip_reasons(Variant("compile", "compile"), "resnet56", info)[0]
+    assert skip_reasons(Variant("compile", "compile"), "resnet56", info) == []
     assert skip_reasons(Variant("resnet_fast:cuda", "resnet_fast", "cuda"), "resnet18", info) == [
         "no CUDA device is visible to torch"]
     assert skip_reasons(Variant("resnet_fast:torch", "resnet_fast", "torch"), "resnet18", info) == []
@@ -191,18 +193,24 @@ def test_cli_small_cpu_run_writes_table_and_json(tmp_path, capsys):
     assert data["skipped"] == []
 
 
-def test_cli_cifar_model_skips_eager_with_reason(tmp_path, capsys):
+def test_cli_cifar_model_has_an_eager_baseline_from_the_same_weights(tmp_path, capsys):
     path = tmp_path / "cifar.json"
     assert main(["--model", "resnet20", "--device", "cpu", "--batch", "4", "--steps", "1",
                  "--warmup", "1", "--mode", "train", "--json", str(path)]) == 0
-    out = capsys.readouterr().out
-    assert "skipped eager" in out and "CIFAR" in out
     data = json.loads(path.read_text())
-    assert [(r["variant"], r["mode"]) for r in data["results"]] == [("resnet_fast", "train")]
-    assert data["results"][0]["speedup"] == pytest.approx(1.0)
+    assert [(r["variant"], r["mode"]) for r in data["results"]] == [("eager", "train"), ("resnet_fast", "train")]
+    assert all(r["baseline"] == "eager" for r in data["results"])
     assert data["config"]["image_size"] == 32
-    [skipped] = data["skipped"]
-    assert skipped["variant"] == "eager" and "CIFAR" in skipped["reasons"][0]
+    assert data["skipped"] == []
+
+
+def test_cifar_eager_model_is_plain_pytorch_with_the_fused_models_weights():
+    config = resolve_config(Options(model="resnet20", batch=2), cuda_available=False)
+    state = initial_state(config)
+    eager = build_model(config, Variant("eager", "eager"), state)
+    assert not any(type(m).__module__.startswith("resnet_fast.nn") for m in eager.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in eager.modules())
+    assert all(torch.equal(eager.state_dict()[k], v) for k, v in state.items())
 
 
 def test_cli_unavailable_backend_is_skipped_not_fatal(tmp_path, capsys):

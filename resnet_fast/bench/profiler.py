@@ -3,7 +3,10 @@
 Every variant starts from the same initial weights (torchvision's model is built once
 under the seed and its state dict loaded into each variant; for the CIFAR networks,
 which torchvision lacks, resnet_fast's own model provides them) and sees the same input
-batches, generated once on the device and rotated.
+batches, generated once on the device and rotated. The eager and ``compile`` variants of
+a CIFAR network are the paper's CIFAR ResNet in plain PyTorch
+(:class:`resnet_fast.train.models.TorchCifarResNet`: torchvision's ``BasicBlock`` and
+``nn.BatchNorm2d``).
 
 A training step is forward, cross-entropy on random labels, backward, a foreach SGD step
 (momentum 0.9, lr 0.1, weight decay 1e-4) and ``zero_grad(set_to_none=True)``; fp16 adds
@@ -63,6 +66,7 @@ from resnet_fast.ops.dispatch import BACKEND_NAMES, chosen_backend
 from resnet_fast.runtime import DTYPES, ConfigError, grad_scaler, resolve_device, synchronize
 from resnet_fast.runtime import autocast as runtime_autocast
 from resnet_fast.runtime import check_dtype_supported as runtime_check_dtype_supported
+from resnet_fast.train.models import TorchCifarResNet
 
 IMAGENET_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 CIFAR_MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
@@ -422,8 +426,6 @@ def check_device_support(config: BenchConfig) -> None:
 
 def skip_reasons(variant: Variant, model: str, info: dict[str, dict]) -> list[str]:
     """Why ``variant`` cannot run for ``model`` here (empty: it can), from ``backend_info()``."""
-    if variant.kind in ("eager", "compile") and model in CIFAR_MODELS:
-        return [f"torchvision has no CIFAR ResNets, so there is no {variant.kind} baseline for {model}"]
     if variant.kind == "resnet_fast" and variant.backend != "auto":
         entry = info[variant.backend]
         if not entry["available"]:
@@ -508,6 +510,8 @@ def build_model(config: BenchConfig, variant: Variant, state: dict[str, torch.Te
     """A fresh model for ``variant`` holding ``state``, on the device, compiled if asked."""
     if variant.kind == "resnet_fast":
         model = getattr(resnet_fast, config.model)(num_classes=config.num_classes)
+    elif config.model in CIFAR_MODELS:
+        model = TorchCifarResNet(int(config.model.removeprefix("resnet")), config.num_classes)
     else:
         model = getattr(torchvision.models, config.model)(weights=None, num_classes=config.num_classes)
     model.load_state_dict(state, strict=True)

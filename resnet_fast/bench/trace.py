@@ -22,15 +22,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 from rich.table import Table
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
-
-if TYPE_CHECKING:
-    from resnet_fast.bench.profiler import Measurement
 
 CATEGORIES = ("convolution", "normalisation", "elementwise", "pooling", "optimizer", "matmul", "other")
 PROFILED_STEPS = 3  # at most this many steps are profiled per variant and mode
@@ -157,7 +154,17 @@ def profile_steps(step: Callable[[int], None], device: torch.device, trace_path:
     return breakdown if trace_path is None else replace(breakdown, trace_path=str(trace_path))
 
 
-def breakdown_tables(measurements: list[Measurement]) -> list[Table]:
+class ProfiledRun(Protocol):
+    """What :func:`breakdown_tables` reads of a measurement (the profiler's ``Measurement``
+    has these fields; this module does not import the profiler, which imports it)."""
+
+    variant: str
+    mode: str
+    median_ms: float
+    breakdown: Breakdown | None
+
+
+def breakdown_tables(measurements: Sequence[ProfiledRun]) -> list[Table]:
     """One table per mode: a row per category, a column per variant with ms per step and share,
     then the breakdown's total and the timed steps' median for comparison."""
     profiled = [m for m in measurements if m.breakdown is not None]

@@ -44,9 +44,11 @@ from resnet_fast.nn.batch_norm_act import (
 )
 from resnet_fast.ops.batch_norm_act import update_running_stats_after
 from resnet_fast.ops.conv2d_bias_act import conv2d_bias_act
+from resnet_fast.ops.common import to_dtype
 from resnet_fast.ops.conv2d_stats import conv2d_stats
 from resnet_fast.ops.conv_bn_act import check_conv_bn_act_args, conv_bn_act
 from resnet_fast.ops.dispatch import runs_native
+from resnet_fast.ops.eager import runs_eagerly
 
 
 def is_fusable(conv: nn.Module, bn: nn.Module) -> bool:
@@ -250,13 +252,58 @@ def conv_stats_forward(
     args = batch_norm_call_args(bn)
     update_running_stats_after(y, mean, var, args["running_mean"], args["running_var"],
                                args["num_batches_tracked"], True, args["momentum"])
-    bn_scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        bn_scale = bn.weight.to(var.dtype) * bn_scale
-    bn_shift = -mean * bn_scale
-    if bn.bias is not None:
-        bn_shift = bn_shift + bn.bias.to(var.dtype)
-    return y, bn_scale, bn_shift
+    return (y, *batch_norm_scale_shift(mean, var, bn.weight, bn.bias, bn.eps))
+
+
+def _scale_shift_terms(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
+                       eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(invstd, -mean, scale, shift) of :func:`batch_norm_scale_shift`, op by op."""
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd if weight is None else to_dtype(weight, var.dtype) * invstd
+    neg_mean = -mean
+    shift = neg_mean * scale
+    if bias is not None:
+        shift = shift + to_dtype(bias, var.dtype)
+    return invstd, neg_mean, scale, shift
+
+
+class _BatchNormScaleShift(torch.autograd.Function):
+    """:func:`_scale_shift_terms` as one autograd node: the chain rule of its six operators
+    written out in the order and form autograd applies them, so values and gradients are
+    bit-identical to the composition while the host runs one node instead of six."""
+
+    @staticmethod
+    def forward(ctx, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
+                eps: float) -> tuple[Tensor, Tensor]:
+        invstd, neg_mean, scale, shift = _scale_shift_terms(mean, var, weight, bias, eps)
+        ctx.save_for_backward(invstd, neg_mean, scale, weight)
+        ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        return scale, shift
+
+    @staticmethod
+    def backward(ctx, grad_scale: Tensor, grad_shift: Tensor):
+        invstd, neg_mean, scale, weight = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        need_mean, need_var, need_weight, need_bias = ctx.needs_input_grad[:4]
+        grad_mean = (grad_shift * scale).neg() if need_mean else None
+        grad_scale = grad_scale + grad_shift * neg_mean
+        grad_weight = to_dtype(grad_scale * invstd, weight_dtype) if need_weight else None
+        grad_invstd = grad_scale if weight is None else grad_scale * to_dtype(weight, invstd.dtype)
+        grad_var = -0.5 * grad_invstd * invstd.pow(3) if need_var else None
+        grad_bias = to_dtype(grad_shift, bias_dtype) if need_bias else None
+        return grad_mean, grad_var, grad_weight, grad_bias, None
+
+
+def batch_norm_scale_shift(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
+                           eps: float) -> tuple[Tensor, Tensor]:
+    """A BatchNorm with batch statistics (mean, biased var) as ``bn(y) = y * scale + shift``:
+    scale = weight / sqrt(var + eps), shift = bias - mean * scale (in var's dtype),
+    differentiable in every tensor. Plain eager calls run it as one autograd node
+    (:class:`_BatchNormScaleShift`, bit-identical), traced ones as its operators."""
+    if runs_eagerly(mean, var, weight, bias):
+        return _BatchNormScaleShift.apply(mean, var, weight, bias, eps)
+    _, _, scale, shift = _scale_shift_terms(mean, var, weight, bias, eps)
+    return scale, shift
 
 
 class ConvBNAct2d(nn.Module):

@@ -32,7 +32,8 @@ from resnet_fast.ops.common import (
     check_same_device,
     output_memory_format,
 )
-from resnet_fast.ops.dispatch import select_kernel
+from resnet_fast.ops.dispatch import chosen_backend, select_kernel
+from resnet_fast.ops.eager import runs_eagerly
 from resnet_fast.ops.triton_ops import share_autograd, triton_op, uses_triton_op
 
 
@@ -127,6 +128,14 @@ def update_running_stats_op(
     running_mean <- (1 - f) running_mean + f mean;
     running_var  <- (1 - f) running_var + f var * count / (count - 1).
     """
+    _check_running_stats_args(running_mean, running_var, num_batches_tracked, mean, var, count)
+    select_kernel("update_running_stats", running_mean)(
+        running_mean, running_var, num_batches_tracked, mean, var, count, momentum
+    )
+
+
+def _check_running_stats_args(running_mean, running_var, num_batches_tracked, mean, var, count) -> None:
+    """Every check of ``update_running_stats``'s arguments (nothing is mutated)."""
     channels = running_mean.shape[0] if running_mean.dim() == 1 else -1
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("mean", mean), ("var", var)):
         check_per_channel(name, t, channels)
@@ -134,9 +143,6 @@ def update_running_stats_op(
                       num_batches_tracked=num_batches_tracked)
     if count < 2:
         raise ValueError(f"count must be at least 2 for an unbiased variance, got {count}")
-    select_kernel("update_running_stats", running_mean)(
-        running_mean, running_var, num_batches_tracked, mean, var, count, momentum
-    )
 
 
 @update_running_stats_op.register_fake
@@ -212,11 +218,18 @@ def update_running_stats_after(
     training: bool,
     momentum: float | None,
 ) -> None:
-    """Run ``update_running_stats`` when a training call had running statistics."""
+    """Run ``update_running_stats`` when a training call had running statistics; in plain
+    eager calls served by the ``torch`` backend its kernel runs without the operator call
+    (:mod:`resnet_fast.ops.eager`), after the same checks."""
     if training and running_mean is not None:
         count = normalised.numel() // normalised.shape[1]
-        update_running_stats_op(running_mean, running_var, num_batches_tracked,
-                                mean.detach(), var.detach(), count, momentum)
+        args = (running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(), count, momentum)
+        if (isinstance(running_mean, Tensor) and chosen_backend("update_running_stats", running_mean) == "torch"
+                and runs_eagerly(*args[:5])):
+            _check_running_stats_args(*args[:-1])
+            select_kernel("update_running_stats", running_mean)(*args)
+        else:
+            update_running_stats_op(*args)
 
 
 def batch_norm_act(

@@ -21,6 +21,13 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def to_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call when ``t`` already has ``dtype`` (``to`` then returns
+    ``t`` itself too): the hot paths of small tensors make dozens of such calls per block,
+    each most of a microsecond of host time."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:
     """Outputs are channels_last when the input is (and not also plain contiguous)."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):

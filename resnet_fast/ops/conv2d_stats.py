@@ -55,8 +55,10 @@ from resnet_fast.ops.common import (
     check_per_channel,
     check_same_device,
     output_memory_format,
+    to_dtype,
 )
-from resnet_fast.ops.dispatch import select_kernel
+from resnet_fast.ops.dispatch import chosen_backend, select_kernel
+from resnet_fast.ops.eager import operator_function, runs_eagerly
 from resnet_fast.ops.scale_shift_act import apply_scale_shift, scale_shift_backward
 from resnet_fast.ops.triton_ops import share_autograd, triton_op, uses_triton_op
 
@@ -87,8 +89,7 @@ def conv2d_stats_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (out, mean, var): the convolution of the activated input and its statistics."""
     _check(input, weight, stride, padding, dilation, prologue_scale, prologue_shift)
-    kernel = select_kernel("conv2d_stats", input)
-    return kernel(input, weight, stride, padding, dilation, prologue_scale, prologue_shift, prologue_relu)
+    return _run_kernel(input, weight, stride, padding, dilation, prologue_scale, prologue_shift, prologue_relu)
 
 
 @conv2d_stats_op.register_fake
@@ -113,9 +114,9 @@ def _statistics_gradient(grad_out: Tensor | None, grad_mean: Tensor | None, grad
     pass over ``out`` (scale ``w = 2 g_var / M``, shift ``g_mean / M - w * mean``, residual
     ``g_out``)."""
     count = out.numel() // out.shape[1]
-    shift = torch.zeros_like(mean) if grad_mean is None else grad_mean.to(mean.dtype) / count
+    shift = torch.zeros_like(mean) if grad_mean is None else to_dtype(grad_mean, mean.dtype) / count
     if grad_var is not None:
-        w = 2 * grad_var.to(mean.dtype) / count
+        w = 2 * to_dtype(grad_var, mean.dtype) / count
         return apply_scale_shift(out, w, shift - w * mean, grad_out, relu=False)
     if grad_out is None:
         return shift.to(out.dtype).view(1, -1, 1, 1).expand(out.shape).contiguous(
@@ -134,7 +135,7 @@ def _backward(ctx, grad_out, grad_mean, grad_var):
     need_act = need_input or (has_prologue and (need_scale or need_shift))
     stride, padding, dilation = ctx.conv_args
     grad_act, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad.to(input.dtype), x_act, weight, None, stride, padding, dilation, False, [0, 0], 1,
+        to_dtype(grad, input.dtype), x_act, weight, None, stride, padding, dilation, False, [0, 0], 1,
         [need_act, need_weight, False])
     grad_input = grad_scale = grad_shift = None
     if need_act and not has_prologue:
@@ -143,13 +144,21 @@ def _backward(ctx, grad_out, grad_mean, grad_var):
         # the ReLU's mask is that of the recomputed activation (x_act > 0), as torch.relu's backward
         grad_input, grad_scale, grad_shift, _ = scale_shift_backward(
             grad_act, input, scale, x_act if ctx.prologue_relu else None, ctx.prologue_relu, need_input, False)
-        grad_scale = grad_scale.to(scale.dtype) if need_scale else None
-        grad_shift = grad_shift.to(shift.dtype) if need_shift else None
+        grad_scale = to_dtype(grad_scale, scale.dtype) if need_scale else None
+        grad_shift = to_dtype(grad_shift, shift.dtype) if need_shift else None
     return grad_input, grad_weight, None, None, None, grad_scale, grad_shift, None
 
 
 conv2d_stats_op.register_autograd(_backward, setup_context=_setup_context)
 share_autograd("conv2d_stats", _backward, _setup_context)
+
+
+def _run_kernel(input, weight, stride, padding, dilation, prologue_scale, prologue_shift, prologue_relu):
+    kernel = select_kernel("conv2d_stats", input)
+    return kernel(input, weight, stride, padding, dilation, prologue_scale, prologue_shift, prologue_relu)
+
+
+_Conv2dStatsFunction = operator_function("Conv2dStatsFunction", _run_kernel, _setup_context, _backward)
 
 
 def _pair(value: int | tuple[int, int] | list[int]) -> list[int]:
@@ -171,11 +180,17 @@ def conv2d_stats(
     out's per-channel mean and biased variance: (out, mean, var).
 
     Without ``prologue_scale``/``prologue_shift`` the input is used as it is (and
-    ``prologue_relu`` is ignored).
+    ``prologue_relu`` is ignored). In plain eager calls served by the ``torch`` backend the
+    operator's implementation and autograd formula run without the operator call
+    (:mod:`resnet_fast.ops.eager`), after the same checks.
     """
     args = (input, weight, _pair(stride), _pair(padding), _pair(dilation), prologue_scale, prologue_shift,
             prologue_relu)
     if isinstance(input, Tensor) and uses_triton_op("conv2d_stats", input):
         _check(*args[:-1])  # then the triton_op itself, which torch.compile sees into
         return triton_op("conv2d_stats")(*args)
+    if (isinstance(input, Tensor) and chosen_backend("conv2d_stats", input) == "torch"
+            and runs_eagerly(input, weight, prologue_scale, prologue_shift)):
+        _check(*args[:-1])
+        return _Conv2dStatsFunction.apply(*args)
     return conv2d_stats_op(*args)

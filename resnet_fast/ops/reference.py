@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from resnet_fast.ops.common import accumulation_dtype, output_memory_format
+from resnet_fast.ops.common import accumulation_dtype, output_memory_format, to_dtype
 from resnet_fast.ops.dispatch import register_kernel
 
 _CHANNEL_DIMS = (0, 2, 3)
@@ -40,7 +40,7 @@ def _per_channel(t: torch.Tensor) -> torch.Tensor:
 
 def batch_norm_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance of a 4-D tensor, accumulated in float32."""
-    var, mean = torch.var_mean(x.to(accumulation_dtype(x.dtype)), dim=_CHANNEL_DIMS, correction=0)
+    var, mean = torch.var_mean(to_dtype(x, accumulation_dtype(x.dtype)), dim=_CHANNEL_DIMS, correction=0)
     return mean, var
 
 
@@ -61,8 +61,9 @@ def update_running_stats(
         if momentum is None:
             factor = 1.0 / num_batches_tracked.double()  # stays on the device: no sync
     unbiased = var * (count / (count - 1))
-    running_mean.copy_(running_mean * (1 - factor) + mean.to(running_mean.dtype) * factor)
-    running_var.copy_(running_var * (1 - factor) + unbiased.to(running_var.dtype) * factor)
+    # in place: the same roundings as (1 - f) * running + f * batch written back, two operators fewer
+    running_mean.mul_(1 - factor).add_(to_dtype(mean, running_mean.dtype) * factor)
+    running_var.mul_(1 - factor).add_(to_dtype(unbiased, running_var.dtype) * factor)
 
 
 @register_kernel("torch", "batch_norm_act")
@@ -166,8 +167,8 @@ def prologue_activation(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tenso
     """``relu(x * scale + shift)`` per channel (a BatchNorm in scale/shift form, + ReLU),
     computed in the accumulation dtype and returned in ``x``'s dtype."""
     acc = accumulation_dtype(x.dtype)
-    a = x.to(acc) * _per_channel(scale.to(acc)) + _per_channel(shift.to(acc))
-    return (torch.relu(a) if relu else a).to(x.dtype)
+    a = to_dtype(x, acc) * _per_channel(to_dtype(scale, acc)) + _per_channel(to_dtype(shift, acc))
+    return to_dtype(torch.relu(a) if relu else a, x.dtype)
 
 
 @register_kernel("torch", "conv2d_bias_act")

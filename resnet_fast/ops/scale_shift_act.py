@@ -35,7 +35,9 @@ from resnet_fast.ops.common import (
     check_per_channel,
     check_same_device,
     output_memory_format,
+    to_dtype,
 )
+from resnet_fast.ops.eager import operator_function, runs_eagerly
 
 _stage = torch.ops.resnet_fast
 _CHANNEL_DIMS = (0, 2, 3)
@@ -58,7 +60,7 @@ def _identity_statistics(scale: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _per_channel(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t.to(dtype).view(1, -1, 1, 1)
+    return to_dtype(t, dtype).view(1, -1, 1, 1)
 
 
 def apply_scale_shift(input: Tensor, scale: Tensor | None, shift: Tensor, residual: Tensor | None,
@@ -71,15 +73,15 @@ def apply_scale_shift(input: Tensor, scale: Tensor | None, shift: Tensor, residu
     (tens of microseconds of host time each)."""
     if not input.is_cuda:
         acc = accumulation_dtype(input.dtype)
-        y = input.to(acc)
+        y = to_dtype(input, acc)
         if scale is not None:
             y = y * _per_channel(scale, acc)
         y = y + _per_channel(shift, acc)
         if residual is not None:
-            y = y + residual.to(acc)
+            y = y + to_dtype(residual, acc)
         if relu:
             y = torch.relu(y)
-        return y.to(input.dtype).contiguous(memory_format=output_memory_format(input))
+        return to_dtype(y, input.dtype).contiguous(memory_format=output_memory_format(input))
     zeros, ones = _identity_statistics(shift)
     return _stage.batch_norm_act_apply(input, zeros, ones, scale, shift, residual, 0.0, relu)
 
@@ -98,13 +100,14 @@ def scale_shift_backward(grad_out: Tensor, input: Tensor, scale: Tensor, out: Te
     """
     if not input.is_cuda:
         acc = accumulation_dtype(input.dtype)
-        masked = grad_out.masked_fill(out <= 0, 0) if relu else grad_out
-        dy = masked.to(acc)
+        # ReLU's own backward: grad_out where out > 0, else 0 (masked_fill(out <= 0, 0) in one operator)
+        masked = torch.ops.aten.threshold_backward(grad_out, out, 0) if relu else grad_out
+        dy = to_dtype(masked, acc)
         fmt = output_memory_format(input)
-        grad_input = (dy * _per_channel(scale, acc)).to(input.dtype).contiguous(memory_format=fmt) \
+        grad_input = to_dtype(dy * _per_channel(scale, acc), input.dtype).contiguous(memory_format=fmt) \
             if need_input else None
         grad_residual = masked.contiguous(memory_format=fmt) if need_residual else None
-        return grad_input, (dy * input.to(acc)).sum(_CHANNEL_DIMS), dy.sum(_CHANNEL_DIMS), grad_residual
+        return grad_input, (dy * to_dtype(input, acc)).sum(_CHANNEL_DIMS), dy.sum(_CHANNEL_DIMS), grad_residual
     zeros, ones = _identity_statistics(scale)
     sum_g, sum_g_input = _stage.batch_norm_act_backward_reduce(grad_out, input, zeros, ones, out, 0.0, relu)
     grad_input = masked = None
@@ -145,15 +148,22 @@ def _backward(ctx, grad_out):
     scale_dtype, shift_dtype, residual_dtype = ctx.dtypes
     grad_input, grad_scale, grad_shift, grad_residual = scale_shift_backward(
         grad_out, input, scale, out, ctx.relu, need_input, need_residual)
-    return (grad_input, grad_scale.to(scale_dtype) if need_scale else None,
-            grad_shift.to(shift_dtype) if need_shift else None,
-            grad_residual.to(residual_dtype) if need_residual else None, None)
+    return (grad_input, to_dtype(grad_scale, scale_dtype) if need_scale else None,
+            to_dtype(grad_shift, shift_dtype) if need_shift else None,
+            to_dtype(grad_residual, residual_dtype) if need_residual else None, None)
 
 
 scale_shift_act_op.register_autograd(_backward, setup_context=_setup_context)
+_ScaleShiftActFunction = operator_function("ScaleShiftActFunction", apply_scale_shift, _setup_context, _backward)
 
 
 def scale_shift_act(input: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None = None,
                     relu: bool = False) -> Tensor:
-    """``relu(input * scale + shift + residual)`` per channel, differentiable in every tensor."""
+    """``relu(input * scale + shift + residual)`` per channel, differentiable in every tensor.
+
+    In plain eager calls the operator's implementation and autograd formula run without
+    the operator call (:mod:`resnet_fast.ops.eager`), after the same checks."""
+    if isinstance(input, Tensor) and runs_eagerly(input, scale, shift, residual):
+        _check(input, scale, shift, residual)
+        return _ScaleShiftActFunction.apply(input, scale, shift, residual, relu)
     return scale_shift_act_op(input, scale, shift, residual, relu)
