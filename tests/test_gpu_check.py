@@ -270,7 +270,11 @@ def test_headline_order_of_value_on_a_gpu(tmp_path):
             variants = [p[3] for p in plan if p[:2] == (model, batch) and p[5] == graphs]
             assert variants[0] == "eager" and "resnet_fast:cuda" in variants and "resnet_fast:triton+fused" in variants
     compile_row = plan.index(("resnet50", 256, "bf16", "compile", "both", False))
-    assert {p[0] for p in plan[compile_row + 1:]} == {"resnet18", "resnet56"}  # if time remains
+    # resnet_fast under torch.compile right after torchvision's, in its group: ratios from one run
+    assert plan[compile_row + 1] == ("resnet50", 256, "bf16", "resnet_fast:triton+compile", "both", False)
+    assert rows[compile_row + 1]["group"] == rows[compile_row]["group"] == "resnet50, batch 256, 224x224, bf16"
+    assert sum(p[3].endswith("compile") for p in plan) == 2
+    assert {p[0] for p in plan[compile_row + 2:]} == {"resnet18", "resnet56"}  # if time remains
     assert all("--channels-last" in r["profiler_args"] and "--device cuda" in r["profiler_args"] for r in rows)
     assert {r["dtype"] for r in gpu_check.headline_rows(gpu_context(tmp_path, bf16=False))} == {"fp16"}
 

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma list of eager, compile, resnet_fast, resnet_fast:<auto|cuda|triton|torch>; "
                              "a resnet_fast variant + '+fused' trains with the convolution fusion "
                              "(resnet_fast.nn.enable_fused_training; e.g. resnet_fast:triton+fused, "
-                             "resnet_fast+fused for auto; training only) "
+                             "resnet_fast+fused for auto; training only); '+compile' runs it under "
+                             "torch.compile (e.g. resnet_fast+compile, resnet_fast:triton+fused+compile) "
                              "(GPU default eager,compile,resnet_fast; CPU eager,resnet_fast)")
     parser.add_argument("--steps", type=int, help="timed steps (GPU default 50, CPU 3)")
     parser.add_argument("--warmup", type=int, help="untimed warm-up steps, at least 1 (GPU default 10, CPU 1)")

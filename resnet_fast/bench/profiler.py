@@ -12,6 +12,9 @@ A training step is forward, cross-entropy on random labels, backward, a foreach 
 (momentum 0.9, lr 0.1, weight decay 1e-4) and ``zero_grad(set_to_none=True)``; fp16 adds
 a GradScaler. A ``+fused`` variant trains with :func:`resnet_fast.nn.enable_fused_training`
 (stem included); its inference is the same variant's without it, so it is not measured.
+A ``+compile`` variant is the resnet_fast model under ``torch.compile`` (default mode),
+built like ``compile`` builds torchvision's, so the two compare like for like in one run;
+it composes with ``+fused`` (``resnet_fast:triton+fused+compile``, the fused model compiled).
 An inference step is a forward pass in eval mode under ``torch.inference_mode``.
 fp16 / bf16 mean ``torch.autocast`` with that dtype.
 
@@ -75,6 +78,8 @@ MODES = ("train", "infer", "both")
 VARIANT_KINDS = ("eager", "compile", "resnet_fast")
 RESNET_FAST_BACKENDS = ("auto", *BACKEND_NAMES)
 FUSED_OPTION = "fused"  # ``resnet_fast[:backend]+fused``: fused training
+COMPILE_OPTION = "compile"  # ``resnet_fast[:backend]+compile``: torch.compile of the resnet_fast model
+VARIANT_OPTIONS = (FUSED_OPTION, COMPILE_OPTION)  # in the order a variant's name spells them
 FUSED_INFERENCE_SKIP = ("fused training changes training only: its inference is that of the same "
                         "variant without +fused")
 
@@ -110,12 +115,20 @@ class BenchConfigError(ConfigError):
 class Variant:
     """One thing to measure: ``eager``, ``compile`` or ``resnet_fast`` with a backend, and
     for ``resnet_fast`` optionally fused training (``+fused``:
-    :func:`resnet_fast.nn.enable_fused_training`, training mode only)."""
+    :func:`resnet_fast.nn.enable_fused_training`, training mode only) and ``torch.compile``
+    of the model (``+compile``)."""
 
     name: str
     kind: str
     backend: str | None = None
     fused_training: bool = False
+    compiled: bool = False  # resnet_fast under torch.compile (``+compile``)
+
+    @property
+    def torch_compiled(self) -> bool:
+        """Whether the model runs under ``torch.compile``: torchvision's ``compile`` or a
+        ``+compile`` resnet_fast variant."""
+        return self.kind == "compile" or self.compiled
 
 
 @dataclass
@@ -178,7 +191,7 @@ class Measurement:
     median_ms: float
     images_per_s: float
     peak_memory_gib: float | None  # None on the CPU
-    compile_s: float | None = None  # first warm-up step of the compile variant
+    compile_s: float | None = None  # first warm-up step of a torch.compile variant
     speedup: float | None = None  # filled in by :func:`assign_speedups`
     baseline: str | None = None
     graph: str | None = None  # what the CUDA graph holds (None: eager steps)
@@ -228,30 +241,41 @@ class BenchReport:
 
 def parse_variant(text: str) -> Variant:
     """``"eager"``, ``"compile"``, ``"resnet_fast"`` or ``"resnet_fast:<backend>"``, the
-    resnet_fast ones optionally with ``"+fused"`` (fused training), e.g.
-    ``"resnet_fast:triton+fused"`` or ``"resnet_fast+fused"`` (auto)."""
+    resnet_fast ones optionally with ``"+fused"`` (fused training) and ``"+compile"``
+    (``torch.compile`` of the model), in either order, e.g. ``"resnet_fast:triton+fused"``,
+    ``"resnet_fast+compile"`` (auto) or ``"resnet_fast:triton+fused+compile"``. The name
+    is canonical: ``auto`` left out, ``+fused`` before ``+compile``."""
     text = text.strip()
-    spec, plus, option = text.partition("+")
-    if plus and option != FUSED_OPTION:
-        raise BenchConfigError(f"unknown variant option {'+' + option!r} in {text!r}; the only one is "
-                               f"+{FUSED_OPTION} (fused training of a resnet_fast variant)")
+    spec, *options = text.split("+")
+    for option in options:
+        if option not in VARIANT_OPTIONS:
+            raise BenchConfigError(f"unknown variant option {'+' + option!r} in {text!r}; the options are "
+                                   f"+{FUSED_OPTION} (fused training of a resnet_fast variant) and "
+                                   f"+{COMPILE_OPTION} (torch.compile of a resnet_fast variant)")
+        if options.count(option) > 1:
+            raise BenchConfigError(f"variant option +{option} given twice in {text!r}")
     kind, _, backend = spec.partition(":")
     if kind not in VARIANT_KINDS:
-        raise BenchConfigError(f"unknown variant {text!r}; choose from eager, compile, "
-                               "resnet_fast, resnet_fast:<backend>, each resnet_fast one optionally +fused")
+        raise BenchConfigError(f"unknown variant {text!r}; choose from eager, compile, resnet_fast, "
+                               "resnet_fast:<backend>, each resnet_fast one optionally +fused and/or +compile")
     if kind != "resnet_fast":
         if backend:
             raise BenchConfigError(f"variant {kind!r} takes no backend (got {text!r})")
-        if plus:
+        if FUSED_OPTION in options:
             raise BenchConfigError(f"+{FUSED_OPTION} is resnet_fast's fused training; {kind!r} has none "
                                    f"(got {text!r})")
+        if COMPILE_OPTION in options:
+            raise BenchConfigError(f"+{COMPILE_OPTION} compiles a resnet_fast variant; torchvision's model "
+                                   f"under torch.compile is the variant 'compile' (got {text!r})")
         return Variant(name=kind, kind=kind)
     backend = backend or "auto"
     if backend not in RESNET_FAST_BACKENDS:
         raise BenchConfigError(f"unknown resnet_fast backend {backend!r} in {text!r}; "
                                f"choose one of {', '.join(RESNET_FAST_BACKENDS)}")
-    name = ("resnet_fast" if backend == "auto" else f"resnet_fast:{backend}") + (f"+{FUSED_OPTION}" if plus else "")
-    return Variant(name=name, kind=kind, backend=backend, fused_training=bool(plus))
+    name = ("resnet_fast" if backend == "auto" else f"resnet_fast:{backend}") + "".join(
+        f"+{option}" for option in VARIANT_OPTIONS if option in options)
+    return Variant(name=name, kind=kind, backend=backend, fused_training=FUSED_OPTION in options,
+                   compiled=COMPILE_OPTION in options)
 
 
 def parse_variants(text: str) -> tuple[Variant, ...]:
@@ -323,9 +347,10 @@ def backends_that_run(config: BenchConfig, mode: str, fused_training: bool = Fal
 
 def variant_label(variant: Variant, backends_ran: list[str]) -> str:
     """How tables and plots name ``variant``: ``eager`` and ``compile`` as they are; a
-    resnet_fast variant with the backend(s) that actually ran when its name does not say
-    it, e.g. ``resnet_fast (torch)`` for ``auto`` on a CPU. The one place labels are made:
-    new variant kinds extend it here."""
+    resnet_fast variant (``+compile`` ones too) with the backend(s) that actually ran when
+    its name does not say it, e.g. ``resnet_fast (torch)`` for ``auto`` on a CPU or
+    ``resnet_fast+compile (triton)``. The one place labels are made: new variant kinds
+    extend it here."""
     if variant.kind != "resnet_fast" or not backends_ran:
         return variant.name
     ran = "+".join(backends_ran)
@@ -519,7 +544,7 @@ def build_model(config: BenchConfig, variant: Variant, state: dict[str, torch.Te
         resnet_fast.nn.enable_fused_training(model)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(device=config.device, memory_format=memory_format)
-    return torch.compile(model) if variant.kind == "compile" else model
+    return torch.compile(model) if variant.torch_compiled else model
 
 
 def make_batches(config: BenchConfig) -> Batches:
@@ -797,7 +822,7 @@ def measure(config: BenchConfig, variant: Variant, mode: str, state: dict[str, t
         median_ms=median,
         images_per_s=images_per_second(config.batch, median),
         peak_memory_gib=peak,
-        compile_s=first_step_s if variant.kind == "compile" else None,
+        compile_s=first_step_s if variant.torch_compiled else None,
         graph=plan.captured if config.cuda_graphs else None,
         breakdown=profile_steps(step, device, trace_path, min(config.steps, PROFILED_STEPS))
         if config.breakdown else None,
