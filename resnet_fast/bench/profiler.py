@@ -15,6 +15,8 @@ a GradScaler. A ``+fused`` variant trains with :func:`resnet_fast.nn.enable_fuse
 A ``+compile`` variant is the resnet_fast model under ``torch.compile`` (default mode),
 built like ``compile`` builds torchvision's, so the two compare like for like in one run;
 it composes with ``+fused`` (``resnet_fast:triton+fused+compile``, the fused model compiled).
+With ``cuda_graphs`` every compiled variant (default mode, not inductor's own
+``reduce-overhead`` graphs) is captured by the profiler like any other.
 An inference step is a forward pass in eval mode under ``torch.inference_mode``.
 fp16 / bf16 mean ``torch.autocast`` with that dtype.
 
