@@ -316,6 +316,8 @@ def test_tuning_results_are_cached_on_disk(kernels):
     for arch in ("sm_80", "sm_90"):
         for kind in VARIANTS:
             block_m = 64 if kind[0].startswith("stats") else None
+            if not kernels.configs_for(arch, kind, block_m):
+                continue  # no spill-free 64-row tile for this variant: launch_plan never picks it
             tuner = kernels._autotuner(arch, kind, block_m)
             assert tuner.cache_results and tuner.keys == kernels.AUTOTUNE_KEY
             assert tuner.configs == kernels.configs_for(arch, kind, block_m)

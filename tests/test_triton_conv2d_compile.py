@@ -51,6 +51,20 @@ def _compile(cases: list[str], cache: Path) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
+def _known_spill(case: str) -> bool:
+    """A spill the kernel module documents (:data:`SPILLING_ON_TRITON_3_6`), on that Triton."""
+    import triton
+
+    from resnet_fast.kernels import conv2d as K
+
+    sys.path.insert(0, str(HELPER.parent))
+    try:
+        import conv2d_compile
+    finally:
+        sys.path.remove(str(HELPER.parent))
+    return triton.__version__.startswith("3.6.") and conv2d_compile.variant_key(case) in K.SPILLING_ON_TRITON_3_6
+
+
 def _problems(report: dict) -> list[str]:
     """What is wrong with one compiled case: any spill; no ``wgmma`` on sm_90 or no
     ``mma.sync`` on sm_80 (IEEE float32 has no tensor-core path: its ``tl.dot`` is FMA);
@@ -60,7 +74,7 @@ def _problems(report: dict) -> list[str]:
     tensor_cores = dtype != "fp32-ieee"
     contiguous_k = layer != "stem"
     problems = []
-    if report["spill_stores"] or report["spill_loads"]:
+    if (report["spill_stores"] or report["spill_loads"]) and not _known_spill(report["case"]):
         problems.append(f"spills {report['spill_stores']} B stores, {report['spill_loads']} B loads "
                         f"({report['registers']} registers)")
     if tensor_cores and int(cap) >= 90 and not report["wgmma"]:

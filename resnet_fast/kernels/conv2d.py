@@ -142,32 +142,30 @@ SPILL_FREE_CONFIGS: dict[tuple[str, str, str, str], frozenset[str]] = {
         frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "128x64x32-w4-s4",
                    "64x128x32-w4-s4", "64x64x32-w4-s4"}),
     ("sm_90", "epilogue", "16-bit", "flat-k"):
-        frozenset({"128x128x32-w8-s4", "64x128x64-w4-s4", "64x64x64-w4-s4", "128x64x32-w4-s4", "64x128x32-w4-s4",
-                   "64x64x32-w4-s4"}),
+        frozenset({"128x128x32-w8-s4", "64x128x32-w4-s4", "64x64x32-w4-s4"}),
     ("sm_90", "epilogue", "tf32", "taps"):
         frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "128x64x32-w4-s4",
                    "64x128x32-w4-s4", "64x64x32-w4-s4"}),
     ("sm_90", "epilogue", "tf32", "flat-k"):
-        frozenset({"128x128x32-w8-s4", "64x64x64-w4-s4", "64x64x32-w4-s4"}),
+        frozenset({"128x128x32-w8-s4", "64x64x32-w4-s4"}),
     ("sm_90", "epilogue", "fp32-ieee", "taps"):
-        frozenset({"64x64x32-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4", "64x32x32-w4-s3", "64x32x16-w4-s4"}),
+        frozenset({"64x64x32-w4-s4", "64x64x16-w4-s4", "64x32x32-w4-s3", "64x32x16-w4-s4"}),
     ("sm_90", "epilogue", "fp32-ieee", "flat-k"):
-        frozenset({"64x64x64-w4-s4", "64x64x32-w4-s4", "64x64x32-w8-s3", "64x32x32-w4-s3", "64x32x16-w4-s4"}),
+        frozenset({"64x64x32-w4-s4", "64x64x32-w8-s3", "64x32x32-w4-s3", "64x32x16-w4-s4"}),
     ("sm_90", "stats", "16-bit", "taps"):
         frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "128x64x32-w4-s4",
                    "64x128x32-w4-s4", "64x64x32-w4-s4"}),
     ("sm_90", "stats", "16-bit", "flat-k"):
-        frozenset({"128x128x32-w8-s4", "128x64x64-w8-s3", "64x128x64-w4-s4", "64x64x64-w4-s4", "128x64x32-w4-s4",
-                   "64x128x32-w4-s4", "64x64x32-w4-s4"}),
+        frozenset({"128x128x32-w8-s4", "64x64x64-w4-s4", "64x64x32-w4-s4"}),
     ("sm_90", "stats", "tf32", "taps"):
         frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "128x64x32-w4-s4",
                    "64x128x32-w4-s4", "64x64x32-w4-s4"}),
     ("sm_90", "stats", "tf32", "flat-k"):
-        frozenset({"128x128x32-w8-s4", "64x128x64-w4-s4", "64x64x64-w4-s4", "64x64x32-w4-s4"}),
+        frozenset({"128x128x32-w8-s4", "64x64x32-w4-s4"}),
     ("sm_90", "stats", "fp32-ieee", "taps"):
         frozenset({"64x64x32-w4-s4", "64x64x16-w4-s4", "64x32x32-w4-s3", "64x32x16-w4-s4"}),
     ("sm_90", "stats", "fp32-ieee", "flat-k"):
-        frozenset({"64x64x64-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4", "64x32x32-w4-s3"}),
+        frozenset({"64x64x32-w8-s3", "64x64x16-w4-s4", "64x32x32-w4-s3"}),
     ("sm_90", "stats+prologue", "16-bit", "taps"):
         frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "128x64x32-w4-s4",
                    "64x128x32-w4-s4", "64x64x32-w4-s4"}),
@@ -179,45 +177,42 @@ SPILL_FREE_CONFIGS: dict[tuple[str, str, str, str], frozenset[str]] = {
     ("sm_90", "stats+prologue", "tf32", "flat-k"):
         frozenset({"128x128x32-w8-s4", "64x64x32-w4-s4"}),
     ("sm_90", "stats+prologue", "fp32-ieee", "taps"):
-        frozenset({"64x64x32-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4", "64x32x32-w4-s3", "64x32x16-w4-s4"}),
+        frozenset({"64x64x32-w4-s4", "64x64x16-w4-s4", "64x32x32-w4-s3", "64x32x16-w4-s4"}),
     ("sm_90", "stats+prologue", "fp32-ieee", "flat-k"):
-        frozenset({"64x64x64-w4-s4", "64x64x32-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4", "64x32x32-w4-s3", "64x32x16-w4-s4"}),
+        frozenset({"64x64x32-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4", "64x32x32-w4-s3", "64x32x16-w4-s4"}),
     ("sm_80", "epilogue", "16-bit", "taps"):
         frozenset({"128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "128x64x32-w4-s4", "64x128x32-w4-s4",
                    "64x64x32-w4-s4"}),
     ("sm_80", "epilogue", "16-bit", "flat-k"):
-        frozenset({"128x128x32-w8-s4", "128x64x64-w8-s3", "64x128x64-w4-s4", "64x64x64-w4-s4", "128x64x32-w4-s4",
-                   "64x128x32-w4-s4", "64x64x32-w4-s4"}),
+        frozenset({"128x128x32-w8-s4", "64x128x32-w4-s4", "64x64x32-w4-s4"}),
     ("sm_80", "epilogue", "tf32", "taps"):
         frozenset({"128x128x32-w8-s4", "128x64x64-w8-s3", "128x64x32-w4-s4", "64x128x32-w4-s4", "64x64x32-w4-s4"}),
     ("sm_80", "epilogue", "tf32", "flat-k"):
-        frozenset({"128x64x64-w8-s3", "64x64x64-w4-s4", "64x64x32-w4-s4"}),
+        frozenset({"64x64x32-w4-s4"}),
     ("sm_80", "epilogue", "fp32-ieee", "taps"):
-        frozenset({"64x64x32-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4", "64x32x32-w4-s3", "64x32x16-w4-s4"}),
+        frozenset({"64x64x32-w4-s4", "64x64x32-w8-s3", "64x32x32-w4-s3", "64x32x16-w4-s4"}),
     ("sm_80", "epilogue", "fp32-ieee", "flat-k"):
         frozenset({"64x64x32-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4", "64x32x32-w4-s3", "64x32x16-w4-s4"}),
     ("sm_80", "stats", "16-bit", "taps"):
         frozenset({"128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "64x128x32-w4-s4", "64x64x32-w4-s4"}),
     ("sm_80", "stats", "16-bit", "flat-k"):
-        frozenset({"128x128x32-w8-s4", "128x64x64-w8-s3", "64x128x64-w4-s4", "64x64x64-w4-s4", "128x64x32-w4-s4",
-                   "64x128x32-w4-s4", "64x64x32-w4-s4"}),
+        frozenset({"128x128x32-w8-s4", "128x64x32-w4-s4", "64x128x32-w4-s4", "64x64x32-w4-s4"}),
     ("sm_80", "stats", "tf32", "taps"):
-        frozenset({"128x128x32-w8-s4", "128x64x64-w8-s3", "128x64x32-w4-s4", "64x128x32-w4-s4", "64x64x32-w4-s4"}),
+        frozenset({"128x128x32-w8-s4", "128x64x64-w8-s3", "128x64x32-w4-s4"}),
     ("sm_80", "stats", "tf32", "flat-k"):
-        frozenset({"128x64x64-w8-s3", "64x64x64-w4-s4", "64x64x32-w4-s4"}),
+        frozenset({"64x64x32-w4-s4"}),
     ("sm_80", "stats", "fp32-ieee", "taps"):
         frozenset({"64x64x32-w4-s4", "64x64x16-w4-s4", "64x32x16-w4-s4"}),
     ("sm_80", "stats", "fp32-ieee", "flat-k"):
         frozenset({"64x64x32-w4-s4", "64x64x32-w8-s3", "64x64x16-w4-s4", "64x32x32-w4-s3", "64x32x16-w4-s4"}),
     ("sm_80", "stats+prologue", "16-bit", "taps"):
-        frozenset({"128x128x64-w8-s3", "128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "128x64x32-w4-s4",
-                   "64x128x32-w4-s4", "64x64x32-w4-s4"}),
+        frozenset({"128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "128x64x32-w4-s4", "64x64x32-w4-s4"}),
     ("sm_80", "stats+prologue", "16-bit", "flat-k"):
         frozenset({"128x128x32-w8-s4", "128x64x64-w8-s3", "64x64x64-w4-s4", "64x128x32-w4-s4", "64x64x32-w4-s4"}),
     ("sm_80", "stats+prologue", "tf32", "taps"):
         frozenset({"128x128x32-w8-s4", "64x64x32-w4-s4"}),
     ("sm_80", "stats+prologue", "tf32", "flat-k"):
-        frozenset({"64x64x64-w4-s4", "64x64x32-w4-s4"}),
+        frozenset({"64x64x32-w4-s4"}),
     ("sm_80", "stats+prologue", "fp32-ieee", "taps"):
         frozenset({"64x32x32-w4-s3", "64x32x16-w4-s4"}),
     ("sm_80", "stats+prologue", "fp32-ieee", "flat-k"):
@@ -226,9 +221,23 @@ SPILL_FREE_CONFIGS: dict[tuple[str, str, str, str], frozenset[str]] = {
 """(architecture, epilogue, input, K tiling) -> the names of the configs autotuning may try
 there: those that compile without register spills (``ptxas -v`` on the kernel built as the
 runtime specialises it, for ResNet-50's layer kinds; tests/test_triton_conv2d_compile.py
-checks it, and ``python tests/conv2d_compile.py --table`` measures it anew). A config
-that spills is never timed or chosen. Architectures other than sm_80 and sm_90 use the
-nearest measured one (:func:`architecture`)."""
+checks it, and ``python tests/conv2d_compile.py --table`` measures it anew) under both
+Triton versions measured, 3.8 (CI's) and 3.6 (the lent GPU machine's): register allocation
+differs between them, so a config is kept only where neither spills. A config that spills
+is never timed or chosen, except in :data:`SPILLING_ON_TRITON_3_6`. Architectures other
+than sm_80 and sm_90 use the nearest measured one (:func:`architecture`)."""
+
+SPILLING_ON_TRITON_3_6: frozenset[tuple[str, str, str, str]] = frozenset({
+    ("sm_80", "stats+prologue", "16-bit", "flat-k"),
+    ("sm_90", "stats+prologue", "16-bit", "flat-k"),
+    ("sm_90", "stats", "fp32-ieee", "taps"),
+})
+"""Variants where every config of :data:`CONFIGS` spills under Triton 3.6 (their entries above
+are Triton 3.8's spill-free configs): a BatchNorm prologue on inputs of fewer than 16
+channels (flat K; in a ResNet the prologue follows a BatchNorm of at least 16 channels, so
+only tests build it) and IEEE-float32 statistics on sm_90 (fused training in float32 with
+TF32 turned off). Smaller tiles would be needed there; the compile tests allow these spills
+on Triton 3.6 only."""
 
 STATS_BLOCK_MS = (128, 64)
 """M tiles of the statistics epilogue, largest first (:func:`stats_block_m` picks one per
