@@ -43,9 +43,13 @@ def test_backends_that_run_ask_the_dispatcher(monkeypatch):
         return {"conv_bn_act": "cuda", "batch_norm_act": "triton"}.get(op, "torch")
 
     monkeypatch.setattr(profiler, "chosen_backend", chosen)
+    monkeypatch.setattr(profiler, "runs_native", lambda example: False)  # as on a GPU with a record
     assert profiler.backends_that_run(config, "train") == ["cuda", "triton"]
     assert ("conv_bn_act", "cpu", torch.float32) in asked
     assert profiler.backends_that_run(config, "infer") == ["torch", "triton"]
+    monkeypatch.setattr(profiler, "runs_native", lambda example: True)  # no fused backend chosen
+    assert profiler.backends_that_run(config, "train") == ["native"]
+    assert profiler.backends_that_run(config, "train", fused_training=True) == ["torch"]
 
 
 def test_cpu_run_is_labelled_and_called_a_harness_check(tmp_path, capsys):
@@ -54,6 +58,7 @@ def test_cpu_run_is_labelled_and_called_a_harness_check(tmp_path, capsys):
     out = capsys.readouterr().out
     [result] = [r for r in json.loads(path.read_text())["results"] if r["variant"] == "resnet_fast"]
     ran = profiler.backends_that_run(profiler.resolve_config(Options(device="cpu"), False), "infer")
+    assert ran == ["native"]  # auto on a CPU: torchvision's own aten operators, not the torch reference
     assert result["label"] == f"resnet_fast ({'+'.join(ran)})" and result["label"] in out
     assert 0 <= result["spread"] and "spread" in out
     assert "CPU run: a harness check" in out and "not a performance" in out

@@ -67,7 +67,7 @@ from resnet_fast.bench.trace import (
     profile_steps,
     trace_file,
 )
-from resnet_fast.ops.dispatch import BACKEND_NAMES, chosen_backend
+from resnet_fast.ops.dispatch import BACKEND_NAMES, chosen_backend, runs_native
 from resnet_fast.runtime import DTYPES, ConfigError, grad_scaler, resolve_device, synchronize
 from resnet_fast.runtime import autocast as runtime_autocast
 from resnet_fast.runtime import check_dtype_supported as runtime_check_dtype_supported
@@ -341,8 +341,12 @@ LABEL_OPERATORS = {"train": ("conv_bn_act", "batch_norm_act"), "infer": ("conv2d
 def backends_that_run(config: BenchConfig, mode: str, fused_training: bool = False) -> list[str]:
     """The backends the current choice runs the model's operators with on this run's device
     and dtype (asked of :func:`resnet_fast.ops.dispatch.chosen_backend`), in first-use order;
-    ``fused_training``: those of a fused-training step (``conv2d_stats``)."""
+    ``["native"]`` when the modules run torchvision's own aten operators there
+    (:func:`resnet_fast.ops.dispatch.runs_native`); ``fused_training``: those of a
+    fused-training step (``conv2d_stats``), which always runs the fused operators."""
     example = torch.empty(2, 8, 4, 4, device=config.device, dtype=DTYPES[config.dtype])
+    if not fused_training and runs_native(example):
+        return ["native"]
     names = [chosen_backend(op, example) for op in LABEL_OPERATORS[f"{mode}+fused" if fused_training else mode]]
     return list(dict.fromkeys(name for name in names if name is not None))
 
@@ -350,7 +354,7 @@ def backends_that_run(config: BenchConfig, mode: str, fused_training: bool = Fal
 def variant_label(variant: Variant, backends_ran: list[str]) -> str:
     """How tables and plots name ``variant``: ``eager`` and ``compile`` as they are; a
     resnet_fast variant (``+compile`` ones too) with the backend(s) that actually ran when
-    its name does not say it, e.g. ``resnet_fast (torch)`` for ``auto`` on a CPU or
+    its name does not say it, e.g. ``resnet_fast (native)`` for ``auto`` on a CPU or
     ``resnet_fast+compile (triton)``. The one place labels are made: new variant kinds
     extend it here."""
     if variant.kind != "resnet_fast" or not backends_ran:
