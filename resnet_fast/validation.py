@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from resnet_fast import _extension
+from resnet_fast import _build, _extension
 
 RECORD_FORMAT = 1
 FUSED_BACKENDS = ("cuda", "triton")
@@ -54,7 +54,6 @@ PACKAGED_RECORDS = _PACKAGE / RECORDS_SUBDIRECTORY
 # files choose which CUDA kernel (or cuDNN call) runs.
 _TRITON_SOURCES = ("kernels/*.py",)
 _CUDA_PYTHON_SOURCES = ("ops/batch_norm_act_stages.py", "ops/conv2d_cuda.py", "ops/conv2d_tensor_core.py")
-_CSRC_PATTERNS = ("*.cu", "*.cuh", "*.cpp", "*.h")
 # Environment variables that change the code Triton generates for our kernels.
 _TRITON_CODEGEN_VARIABLES = ("TRITON_F32_DEFAULT",)
 
@@ -123,12 +122,6 @@ def _hash_files(digest, root: Path, patterns: tuple[str, ...]) -> int:
     return len(files)
 
 
-def csrc_fingerprint(csrc: Path) -> str | None:
-    """sha256 of the CUDA sources in ``csrc`` (relative names and bytes, sorted), None if absent."""
-    digest = hashlib.sha256()
-    return digest.hexdigest() if csrc.is_dir() and _hash_files(digest, csrc, _CSRC_PATTERNS) else None
-
-
 def _cuda_compiled_identity() -> tuple[str, list[str]] | None:
     """(fingerprint of the compiled sources, build flags): from the extension's own
     ``build_info()`` (so an installed wheel knows what it carries), else by hashing
@@ -136,8 +129,8 @@ def _cuda_compiled_identity() -> tuple[str, list[str]] | None:
     info = _extension.build_info()
     if info is not None and info.get("source_fingerprint"):
         return info["source_fingerprint"], list(info.get("build_flags", []))
-    fingerprint = csrc_fingerprint(_PACKAGE.parent / "csrc")
-    return None if fingerprint is None else (fingerprint, [])
+    csrc = _PACKAGE.parent / "csrc"
+    return (_build.source_fingerprint(csrc), []) if csrc.is_dir() else None
 
 
 @functools.lru_cache(maxsize=None)
