@@ -203,3 +203,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.section("skips, grouped by reason")
         for line in lines:
             terminalreporter.line(line)
+
+
+def cuda_kernel_names(fn) -> list[str]:
+    """Names of the CUDA kernels that ``fn()`` launches (torch.profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [event.name for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA]

@@ -19,6 +19,7 @@ import os
 
 import pytest
 import torch
+from conftest import cuda_kernel_names
 
 import resnet_fast.ops  # noqa: F401  defines the operator and loads resnet_fast._C when built
 from resnet_fast._extension import extension_load_error
@@ -201,14 +202,6 @@ def _strided_view(shape, dtype, layout, offset):
     return flat.view(shape) if layout == "nchw" else flat.view(n, h, w, c).permute(0, 3, 1, 2)
 
 
-def kernel_names(fn) -> list[str]:
-    """Names of the CUDA kernels that ``fn()`` launches (torch.profiler)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [event.name for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout,shape,offset,width", [
@@ -223,7 +216,7 @@ def kernel_names(fn) -> list[str]:
 def test_cuda_load_width_follows_extent_and_alignment(cuda_kernel, dtype, layout, shape, offset, width):
     x = _strided_view(shape, dtype, layout, offset)
     result = []
-    names = kernel_names(lambda: result.extend(OP(x)))
+    names = cuda_kernel_names(lambda: result.extend(OP(x)))
     kernel = "stats_nchw_kernel" if layout == "nchw" else "stats_nhwc_kernel"
     element = "c10::Half" if dtype == torch.float16 else "c10::BFloat16"
     assert any(f"{kernel}<{element}, {width}>" in name for name in names), names

@@ -26,6 +26,7 @@ from conftest import (
     DEVICES,
     assert_close_to_reference,
     conv_bn_parameters,
+    cuda_kernel_names,
     random_input,
     relu_with_mask_of,
     stock_conv_bn_act,
@@ -607,14 +608,6 @@ def test_cuda_stage_ops_match_default_implementation(cuda_backend, dtype, layout
             assert torch.equal(gr.double(), ref_gr)
 
 
-def _kernel_names(fn) -> list[str]:
-    """Names of the CUDA kernels that ``fn()`` launches (torch.profiler)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [event.name for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout,shape,width", [
@@ -630,10 +623,10 @@ def test_stage_kernels_load_width(cuda_backend, dtype, layout, shape, width):
     element = "c10::Half" if dtype == torch.float16 else "c10::BFloat16"
     o = t["out"]
     results = {}
-    names = _kernel_names(lambda: results.update(
+    names = cuda_kernel_names(lambda: results.update(
         out=APPLY(t["x"], t["mean"], t["var"], t["weight"], t["bias"], t["residual"], 1e-5, True),
         sums=REDUCE(t["grad_out"], t["x"], t["mean"], t["var"], o, 1e-5, True)))
-    names += _kernel_names(lambda: results.update(
+    names += cuda_kernel_names(lambda: results.update(
         grads=BACKWARD_APPLY(t["grad_out"], t["x"], t["weight"], t["mean"], t["var"], o, *results["sums"], True,
                              1e-5, True, True)))
     for kernel in ("apply", "reduce", "backward"):
