@@ -137,6 +137,22 @@ def pytest_configure(config):
 
 
 @pytest.fixture(autouse=True)
+def restore_backend():
+    """Tests and the command-line tools they run select backends for the whole process:
+    every test gives the next one the choice it found."""
+    import warnings
+
+    import resnet_fast
+    from resnet_fast.ops.dispatch import BackendUnavailableWarning
+
+    before = resnet_fast.get_backend()
+    yield
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BackendUnavailableWarning)
+        resnet_fast.set_backend(before)
+
+
+@pytest.fixture(autouse=True)
 def isolated_validation_records(tmp_path_factory, monkeypatch):
     """Every test sees an empty user cache of validation records (never the machine's own)
     and a fresh record lookup; the once-per-process warning may fire again."""

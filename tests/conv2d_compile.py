@@ -59,7 +59,6 @@ def _tensors(layer: str, dtype: torch.dtype):
 
 def specialise(cap: int, dtype: str, layer: str, variant: str, config) -> tuple:
     """(ASTSource, target, options) for one case, built as the runtime's launch builds them."""
-    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature

@@ -13,15 +13,6 @@ from resnet_fast.ops import dispatch
 from resnet_fast.ops.dispatch import BackendUnavailableWarning
 
 
-@pytest.fixture(autouse=True)
-def restore_backend():
-    before = resnet_fast.get_backend()
-    yield
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", BackendUnavailableWarning)
-        resnet_fast.set_backend(before)
-
-
 @pytest.fixture
 def no_gpu(monkeypatch):
     """A machine without a CUDA device, whatever this one has."""

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import resnet_fast
-from resnet_fast.models.cifar import CifarResNet
 from resnet_fast.bench.__main__ import main as bench_main
 from resnet_fast.bench.profiler import (
     BenchConfigError,
@@ -23,12 +22,13 @@ from resnet_fast.bench.profiler import (
     resolve_config,
     variant_label,
 )
+from resnet_fast.models.cifar import CifarResNet
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.fixture(autouse=True)
-def restore_backend():
+def profiler_restores_backend():
     """A profiler run selects each variant's backend and restores it; make sure of it."""
     before = resnet_fast.get_backend()
     yield

@@ -31,19 +31,11 @@ from resnet_fast.bench.profiler import (
 )
 from resnet_fast.nn import BasicBlock
 from resnet_fast.runtime import ConfigError
-from resnet_fast.train.config import resolve_config as resolve_train_config
 from resnet_fast.train.config import Options as TrainOptions
+from resnet_fast.train.config import resolve_config as resolve_train_config
 
 TINY = ["--device", "cpu", "--batch", "2", "--image-size", "32", "--steps", "1", "--warmup", "1"]
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@pytest.fixture(autouse=True)
-def restore_backend():
-    """The training CLI selects its --backend for the process: give the next test the choice back."""
-    before = resnet_fast.get_backend()
-    yield
-    resnet_fast.set_backend(before)
 
 
 def _measurement(variant: str, label: str) -> Measurement:

@@ -16,13 +16,6 @@ from resnet_fast import validation
 from resnet_fast.ops import dispatch
 
 
-@pytest.fixture(autouse=True)
-def restore_backend():
-    before = resnet_fast.get_backend()
-    yield
-    resnet_fast.set_backend(before)
-
-
 def test_unknown_backend_is_rejected_with_choices():
     with pytest.raises(ValueError, match="choose one of auto, cuda, triton, torch"):
         resnet_fast.set_backend("cudnn")

@@ -45,13 +45,6 @@ class RecordOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.fixture(autouse=True)
-def restore_backend():
-    before = resnet_fast.get_backend()
-    yield
-    resnet_fast.set_backend(before)
-
-
 def _fused_block(kind: str, stride: int, dtype: torch.dtype, momentum: float | None, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     tv_cls, ours_cls = (tv_resnet.Bottleneck, Bottleneck) if kind == "bottleneck" else (tv_resnet.BasicBlock,

@@ -12,13 +12,6 @@ from resnet_fast.nn import blocks, enable_fused_training
 from resnet_fast.nn import fused_training_defaults as defaults
 
 
-@pytest.fixture(autouse=True)
-def restore_backend():
-    before = resnet_fast.get_backend()
-    yield
-    resnet_fast.set_backend(before)
-
-
 @pytest.fixture
 def h100(monkeypatch):
     """Fake CUDA tensors on a GPU of compute capability 9.0 whose fused backends are validated

@@ -53,14 +53,6 @@ def convolutions(model: nn.Module) -> int:
     return sum(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
-@pytest.fixture(autouse=True)
-def restore_backend():
-    """Tests and the training CLI select backends for the process: give the next test the choice back."""
-    before = resnet_fast.get_backend()
-    yield
-    resnet_fast.set_backend(before)
-
-
 @pytest.fixture
 def torch_backend():
     resnet_fast.set_backend("torch")

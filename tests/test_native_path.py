@@ -22,9 +22,9 @@ from torchvision.models import resnet as tv
 
 import resnet_fast
 import resnet_fast.nn as rf
+from resnet_fast import validation
 from resnet_fast.models.cifar import CifarResNet
 from resnet_fast.nn.blocks import conv1x1
-from resnet_fast import validation
 from resnet_fast.ops import dispatch
 
 

@@ -166,8 +166,6 @@ CONVERGENCE_RUNS: dict[str, dict[str, list[float]]] = {}  # variant -> curve, sh
 def convergence_records(row: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """One training run on the digits; for resnet_fast, a check of its final held-out accuracy
     against eager's from the same start (eager is run first when this worker has not yet)."""
-    from resnet_fast.bench import parity
-
     variant = "eager" if row["backend"] is None else variant_name(row["backend"], row["fused"])
     conditions = {"model": row["model"], "dtype": row["dtype"], "variant": variant, "epochs": row["epochs"],
                   "batch": row["batch"]}

@@ -43,8 +43,8 @@ from resnet_fast.nn.batch_norm_act import (
     native_batch_norm,
 )
 from resnet_fast.ops.batch_norm_act import update_running_stats_after
-from resnet_fast.ops.conv2d_bias_act import conv2d_bias_act
 from resnet_fast.ops.common import to_dtype
+from resnet_fast.ops.conv2d_bias_act import conv2d_bias_act
 from resnet_fast.ops.conv2d_stats import conv2d_stats
 from resnet_fast.ops.conv_bn_act import check_conv_bn_act_args, conv_bn_act
 from resnet_fast.ops.dispatch import runs_native
