@@ -248,24 +248,26 @@ def _fuse_stem_convolution(model: nn.Module, prefix: str, report: ConversionRepo
     report.converted.append((_display(prefix), old, _type_name(ResNet)))
 
 
-def _convert_stem(model: nn.Module, prefix: str, report: ConversionReport, handled: set[str]) -> None:
-    """torchvision ResNet: ``bn1`` + ``relu`` → ``BatchNormAct2d(relu=True)`` + ``Identity``."""
-    bn, relu = getattr(model, "bn1", None), getattr(model, "relu", None)
+def _convert_stem(model: nn.Module, prefix: str, report: ConversionReport, handled: set[str],
+                  act_name: str = "relu") -> None:
+    """A ResNet stem's ``bn1`` + its ReLU (torchvision's ``relu``, timm's ``act1``: ``act_name``)
+    → ``BatchNormAct2d(relu=True)`` + ``Identity``."""
+    bn, act = getattr(model, "bn1", None), getattr(model, act_name, None)
     if not isinstance(bn, nn.Module) or not _is_batch_norm(bn) or isinstance(bn, BatchNormAct2d):
         return
     handled.add("bn1")
     reason = _batch_norm_type_reason(bn)
-    if reason is None and type(relu) is not nn.ReLU:
-        reason = f"the stem's relu is {_type_name(relu)}, not nn.ReLU"
+    if reason is None and type(act) is not nn.ReLU:
+        reason = f"the stem's activation {act_name} is {_type_name(act)}, not nn.ReLU"
     if reason is not None:
         report.skipped.append((_path(prefix, "bn1"), _type_name(bn), reason))
         return
     model.bn1 = BatchNormAct2d.from_batch_norm(bn, relu=True)
     identity = nn.Identity()
-    identity.train(relu.training)
-    model.relu = identity
+    identity.train(act.training)
+    setattr(model, act_name, identity)
     report.converted.append((_path(prefix, "bn1"), _type_name(bn), "resnet_fast.nn.BatchNormAct2d(relu=True)"))
-    report.converted.append((_path(prefix, "relu"), _type_name(relu), _type_name(nn.Identity)))
+    report.converted.append((_path(prefix, act_name), _type_name(act), _type_name(nn.Identity)))
 
 
 def _convert_sequential(seq: nn.Sequential, prefix: str, report: ConversionReport, handled: set[str]) -> None:
@@ -312,7 +314,7 @@ def _convert_children(module: nn.Module, prefix: str, report: ConversionReport, 
         _convert_stem(module, prefix, report, handled)
         _fuse_stem_convolution(module, prefix, report)
     elif convert_timm.is_timm_resnet(module):
-        convert_timm.convert_timm_stem(module, prefix, report, handled)
+        _convert_stem(module, prefix, report, handled, act_name="act1")
     if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
         _convert_sequential(module, prefix, report, handled)
     for name, child in list(module._modules.items()):

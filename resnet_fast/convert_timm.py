@@ -26,14 +26,11 @@ from torch import nn
 
 from resnet_fast.convert import (
     ConversionReport,
-    _batch_norm_type_reason,
     _display,
-    _is_batch_norm,
     _path,
     _type_name,
     _unfused_reason,
 )
-from resnet_fast.nn.batch_norm_act import BatchNormAct2d
 from resnet_fast.nn.conv_bn_act import is_fusable
 from resnet_fast.nn.timm_blocks import TimmBasicBlock, TimmBottleneck, is_timm_dropper
 
@@ -129,23 +126,3 @@ def is_timm_resnet(module: nn.Module) -> bool:
     return (resnet is not None and isinstance(module, resnet)
             and type(module).forward is resnet.forward
             and type(module).forward_features is resnet.forward_features)
-
-
-def convert_timm_stem(model: nn.Module, prefix: str, report: ConversionReport, handled: set[str]) -> None:
-    """timm ResNet: ``bn1`` + ``act1`` → ``BatchNormAct2d(relu=True)`` + ``Identity``."""
-    bn, act = getattr(model, "bn1", None), getattr(model, "act1", None)
-    if not isinstance(bn, nn.Module) or not _is_batch_norm(bn) or isinstance(bn, BatchNormAct2d):
-        return
-    handled.add("bn1")
-    reason = _batch_norm_type_reason(bn)
-    if reason is None and type(act) is not nn.ReLU:
-        reason = f"the stem's activation act1 is {_type_name(act)}, not nn.ReLU"
-    if reason is not None:
-        report.skipped.append((_path(prefix, "bn1"), _type_name(bn), reason))
-        return
-    model.bn1 = BatchNormAct2d.from_batch_norm(bn, relu=True)
-    identity = nn.Identity()
-    identity.train(act.training)
-    model.act1 = identity
-    report.converted.append((_path(prefix, "bn1"), _type_name(bn), "resnet_fast.nn.BatchNormAct2d(relu=True)"))
-    report.converted.append((_path(prefix, "act1"), _type_name(act), _type_name(identity)))
